@@ -1,0 +1,75 @@
+"""The :class:`Backbone` contract: images and texts in, :class:`QueryFeatures` / :class:`TargetFeatures` out."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .._features import QueryFeatures, TargetFeatures
+from .._registry import Component
+
+__all__ = ["Backbone", "ImageConfig"]
+
+
+class ImageConfig(dict):
+    """Preprocessing a backbone expects: ``{"size": int, "mean": [3 floats], "std": [3 floats]}``."""
+
+
+class Backbone(Component, abc.ABC):
+    """Encodes composed queries and targets.
+
+    A backbone owns its tokenizer and declares its image preprocessing, so a model built from it goes from
+    PIL images and strings to scores. Subclasses set ``embed_dim`` (E, the global embedding width) and
+    ``token_dim`` (D, the local token width) in their constructor.
+
+    Contract (checked for every registered backbone by ``tests/test_contracts.py``):
+
+    * ``encode_query(pixel_values [B,3,H,W] float, input_ids [B,L] long, attention_mask [B,L])`` returns
+      :class:`QueryFeatures` with a normalised ``embedding [B, E]`` and ``tokens [B, Lq, D]`` where ``Lq`` does
+      not depend on the batch.
+    * ``encode_target(pixel_values)`` returns :class:`TargetFeatures` with a normalised
+      ``embedding [B, K, E]`` and ``tokens [B, Lt, D]``.
+    * ``tokenize(texts)`` returns ``{"input_ids", "attention_mask"}`` tensors, padded to a fixed length.
+    """
+
+    embed_dim: int
+    token_dim: int
+
+    @property
+    @abc.abstractmethod
+    def image_config(self) -> dict[str, Any]:
+        """``{"size": int, "mean": [r, g, b], "std": [r, g, b]}`` of the images this backbone expects."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenise modification texts into ``input_ids`` and ``attention_mask`` (``[B, L]`` each)."""
+
+    @abc.abstractmethod
+    def encode_query(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
+        """Compose reference images ``[B, 3, H, W]`` with tokenised texts into query features."""
+
+    @abc.abstractmethod
+    def encode_target(self, pixel_values: Tensor) -> TargetFeatures:
+        """Encode candidate/target images ``[B, 3, H, W]``."""
+
+    # --- optional hooks -------------------------------------------------------------------------------
+    def load_pretrained(self) -> None:
+        """Load the backbone's published base weights (e.g. from ``Salesforce/blip2-itm-vit-g``).
+
+        Called by ``create_model(..., pretrained=True)`` only, never when a full coalign checkpoint is
+        about to overwrite the weights.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no published base weights")
+
+    def save_assets(self, directory: Path) -> None:
+        """Write files other than weights that the backbone needs (a tokenizer) into ``directory``."""
+
+    def load_assets(self, directory: Path) -> None:
+        """Read what :meth:`save_assets` wrote; called after construction when loading a checkpoint folder."""
+
+    def frozen_parameter_names(self) -> list[str]:
+        """Names of parameters that are frozen (``requires_grad=False``) by construction options."""
+        return [n for n, p in self.named_parameters() if not p.requires_grad]

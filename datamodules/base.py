@@ -1,0 +1,173 @@
+"""The batch format shared by every coalign DataModule, and the base class that produces it.
+
+Every DataModule yields the same dict, so ``CoAlign`` never needs to know where triplets come from.
+
+**Triplet batch** (``train_dataloader``, ``val_dataloader``, ``test_dataloader``, ``predict_dataloader``):
+
+=================  ==================================  =============================================
+key                type                                meaning
+=================  ==================================  =============================================
+``reference``      float ``[B, 3, H, W]``              reference images, already transformed
+``text``           ``list[str]``                       modification texts
+``target``         float ``[B, 3, H, W]``              target images (absent when a split has no labels)
+``reference_id``   ``list[str]``                       gallery name of the reference image
+``target_id``      ``list[str]``                       gallery name of the target ("" when unknown)
+``group``          long ``[B]``                        group id; same-group triplets are soft positives
+``index``          long ``[B]``                        position of the query in its split's annotation
+=================  ==================================  =============================================
+
+**Gallery batch** (``gallery_dataloader(split)`` of evaluation DataModules): ``image`` float
+``[B, 3, H, W]`` and ``image_id`` ``list[str]``.
+
+Images are transformed in the loader workers by ``image_transform``. When it is None, the DataModule asks
+the attached model for its own (``trainer.lightning_module.preprocess``) at ``setup``, so the images always
+match the backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["CIRDataModule", "TripletDataset", "GalleryDataset", "collate", "load_image", "check_files_exist"]
+
+Transform = Callable[[Image.Image], Tensor]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def check_files_exist(paths: Sequence[str | Path], what: str = "image") -> None:
+    """Raise one error listing how many files are missing and the first few, before any work starts."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        first = "\n  ".join(missing[:5])
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} files are missing, e.g.:\n  {first}")
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep strings as lists; every item must have the same keys."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], (int, bool)) and not isinstance(values[0], str):
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values
+    return out
+
+
+class TripletDataset(Dataset):
+    """Triplets given as records ``{"reference": path, "text": str, "target": path|None, "group": int, ...}``.
+
+    ``reference_id`` / ``target_id`` default to the image paths. Images are loaded lazily.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], transform: Transform, text_fn: Callable | None = None):
+        self.records = records
+        self.transform = transform
+        self.text_fn = text_fn  # (record, index) -> str; lets FashionIQ pick a caption join at random
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        item = {
+            "reference": self.transform(r["reference_image"] if "reference_image" in r else load_image(r["reference"])),
+            "text": self.text_fn(r, i) if self.text_fn else r["text"],
+            "reference_id": str(r.get("reference_id", r.get("reference", ""))),
+            "target_id": str(r.get("target_id", r.get("target") or "")),
+            "group": int(r.get("group", i)),
+            "index": int(r.get("index", i)),
+        }
+        if "target_image" in r:
+            item["target"] = self.transform(r["target_image"])
+        elif r.get("target"):
+            item["target"] = self.transform(load_image(r["target"]))
+        return item
+
+
+class GalleryDataset(Dataset):
+    """Gallery images given as ``(image_id, path_or_PIL)`` pairs."""
+
+    def __init__(self, entries: list[tuple[str, Any]], transform: Transform):
+        self.entries = entries
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id, src = self.entries[i]
+        image = src if isinstance(src, Image.Image) else load_image(src)
+        return {"image": self.transform(image), "image_id": image_id}
+
+
+class CIRDataModule(L.LightningDataModule):
+    """Base class: loaders, worker settings and the model's image transform.
+
+    Args:
+        batch_size: triplets (or gallery images) per batch.
+        num_workers: loader worker processes (0 loads in the main process).
+        image_transform: callable PIL -> tensor; None takes the attached model's ``preprocess``.
+    """
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, image_transform: Transform | None = None):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_transform = image_transform
+
+    # -- transform ---------------------------------------------------------------------------------------
+    @property
+    def transform(self) -> Transform:
+        if self.image_transform is None:
+            module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+            if module is None or not hasattr(module, "preprocess"):
+                raise RuntimeError(
+                    f"{type(self).__name__} has no image_transform: pass one, or attach it to a Trainer with a "
+                    "CoAlign model so it can use model.preprocess"
+                )
+            self.image_transform = module.preprocess
+        return self.image_transform
+
+    # -- loaders -----------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool = False, batch_sampler=None) -> DataLoader:
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **kwargs)
+
+    def gallery_dataloader(self, split: str) -> DataLoader:
+        """Loader over the gallery images of ``split`` (evaluation DataModules override ``gallery_dataset``)."""
+        return self._loader(self.gallery_dataset(split))
+
+    def gallery_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} has no gallery")
+
+    def query_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation queries")

@@ -1,0 +1,1 @@
+"""The CIRHS synthesis pipeline (installed as ``coalign.synthesis``): prompts -> render -> filter -> assemble."""
