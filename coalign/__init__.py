@@ -1,16 +1,28 @@
-"""coalign: Composed Image Retrieval with CoAlign."""
+"""coalign: Composed Image Retrieval with CoAlign.
+
+>>> import coalign
+>>> model = coalign.create_model("coalign_tiny")
+>>> scores = model.similarity(model.encode_queries(refs, texts), model.encode_targets(gallery))
+"""
 
 from ._features import QueryFeatures, TargetFeatures
 from ._registry import build_component, list_components, list_models, register_component, register_model
+from .factory import create_model
+from .model import CoAlign
+from .transforms import ImageTransform, target_pad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoAlign",
+    "create_model",
+    "list_models",
     "QueryFeatures",
     "TargetFeatures",
+    "ImageTransform",
+    "target_pad",
     "build_component",
     "list_components",
-    "list_models",
     "register_component",
     "register_model",
 ]

@@ -38,8 +38,12 @@ class QueryFeatures:
     @staticmethod
     def cat(parts: list[QueryFeatures]) -> QueryFeatures:
         masks = [p.token_mask for p in parts]
-        mask = None if all(m is None for m in masks) else torch.cat(
-            [m if m is not None else torch.ones(p.tokens.shape[:2], dtype=torch.bool) for m, p in zip(masks, parts)]
+        mask = (
+            None
+            if all(m is None for m in masks)
+            else torch.cat(
+                [m if m is not None else torch.ones(p.tokens.shape[:2], dtype=torch.bool) for m, p in zip(masks, parts)]
+            )
         )
         return QueryFeatures(torch.cat([p.embedding for p in parts]), torch.cat([p.tokens for p in parts]), mask)
 
@@ -69,4 +73,3 @@ class TargetFeatures:
     @staticmethod
     def cat(parts: list[TargetFeatures]) -> TargetFeatures:
         return TargetFeatures(torch.cat([p.embedding for p in parts]), torch.cat([p.tokens for p in parts]))
-

@@ -113,7 +113,9 @@ def build_component(spec: Any, base: type | None = None) -> Any:
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             bad = sorted(set(init_args) - set(params))
             if bad:
-                raise ValueError(f"{spec['class_path']} got unknown init_args {bad}; valid: {sorted(set(params) - {'self'})}")
+                raise ValueError(
+                    f"{spec['class_path']} got unknown init_args {bad}; valid: {sorted(set(params) - {'self'})}"
+                )
         for name, value in init_args.items():
             if isinstance(value, dict) and "class_path" in value:
                 init_args[name] = build_component(value)

@@ -26,6 +26,8 @@ match the backbone.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,17 @@ import lightning as L
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["CIRDataModule", "TripletDataset", "GalleryDataset", "collate", "load_image", "check_files_exist"]
+__all__ = [
+    "CIRDataModule",
+    "TripletDataset",
+    "GalleryDataset",
+    "GroupedBatchSampler",
+    "collate",
+    "load_image",
+    "check_files_exist",
+]
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -121,6 +131,65 @@ class GalleryDataset(Dataset):
         return {"image": self.transform(image), "image_id": image_id}
 
 
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches that hold several triplets of one group, for the global head's same-group soft positives.
+
+    Each epoch the groups are shuffled (seeded by ``seed + epoch``), each group contributes chunks of up to
+    ``group_size`` of its (shuffled) items, and the chunks are packed into batches of ``batch_size``. Every item
+    appears exactly once per epoch; ``group_size = 1`` is a plain shuffled sampler.
+
+    Args:
+        groups: the group id of every item of the dataset.
+        batch_size: items per batch.
+        group_size: how many triplets of one group are placed together.
+        drop_last: drop the last incomplete batch.
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(
+        self, groups: Sequence[int], batch_size: int, group_size: int = 2, drop_last: bool = True, seed: int = 0
+    ):
+        if group_size < 1 or batch_size < 1:
+            raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}")
+        self.members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            self.members.setdefault(int(group), []).append(index)
+        self.n = len(groups)
+        self.batch_size = batch_size
+        self.group_size = group_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _chunks(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        chunks = []
+        for items in self.members.values():
+            items = items[:]
+            rng.shuffle(items)
+            chunks.extend(items[i : i + self.group_size] for i in range(0, len(items), self.group_size))
+        rng.shuffle(chunks)
+        return chunks
+
+    def __iter__(self):
+        batch: list[int] = []
+        for chunk in self._chunks():
+            for index in chunk:
+                batch.append(index)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+        if batch and not self.drop_last:
+            yield batch
+        self.epoch += 1
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+
 class CIRDataModule(L.LightningDataModule):
     """Base class: loaders, worker settings and the model's image transform.
 
@@ -171,3 +240,20 @@ class CIRDataModule(L.LightningDataModule):
 
     def query_dataset(self, split: str) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} has no evaluation queries")
+
+    # -- retrieval evaluation protocol (used by CoAlign's validation/test steps and `coalign evaluate`) --------
+    #: True for DataModules whose val/test loaders yield *queries* ranked against a gallery. Such a module
+    #: implements ``evaluation_split``, ``gallery_dataloader`` and ``build_evaluator``.
+    has_gallery: bool = False
+
+    def evaluation_split(self, stage: str) -> str:
+        """The split a Lightning stage ("validate" or "test") evaluates: the ``val_dataloader`` /
+        ``test_dataloader`` batches are its queries and ``gallery_dataloader(split)`` its gallery."""
+        return {"validate": "val", "fit": "val", "test": "test"}[stage]
+
+    def build_evaluator(self, split: str):
+        """A fresh evaluator for ``split``: an object (a ``torchmetrics.Metric``, so it syncs across DDP ranks)
+        with attributes ``top_k`` (ranking length it needs) and ``exclude_reference`` (remove each query's
+        reference image from its ranking), ``update(batch, ranked_ids: list[list[str]], ranked_scores)`` and
+        ``compute() -> dict[str, float]`` (percentages, keys such as ``"cirr/R@1"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no retrieval evaluator")

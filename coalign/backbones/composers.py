@@ -48,7 +48,11 @@ class Combiner(Composer):
         self.combiner = nn.Linear(2 * projection_dim, hidden_dim)
         self.output = nn.Linear(hidden_dim, dim)
         self.dynamic_scalar = nn.Sequential(
-            nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1), nn.Sigmoid()
+            nn.Linear(2 * projection_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, 1),
+            nn.Sigmoid(),
         )
         self.dropout = nn.Dropout(dropout)
 

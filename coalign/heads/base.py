@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 
+import torch
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
 from .._registry import Component
 
-__all__ = ["GlobalHead", "LocalHead", "max_over_embeddings"]
+__all__ = ["GlobalHead", "LocalHead", "max_over_embeddings", "soft_positive_targets"]
 
 
 def max_over_embeddings(query: Tensor, target: Tensor) -> Tensor:
@@ -25,6 +26,39 @@ def max_over_embeddings(query: Tensor, target: Tensor) -> Tensor:
     return scores.view(query.shape[0], nt, k).amax(dim=-1)
 
 
+def soft_positive_targets(
+    groups: Tensor | None, batch_size: int, beta: float, device=None, target_ids: Tensor | None = None
+) -> Tensor:
+    """Row-stochastic target distribution ``Y [B, B]`` with same-group soft positives.
+
+    Let ``S_i = {j : target_j is the same image as target_i}`` (just ``{i}`` without ``target_ids``) and
+    ``P_i = {j not in S_i : g_j = g_i}`` the other triplets of i's group. Then::
+
+        Y_ij = (1 - beta) / |S_i|  for j in S_i,     Y_ij = beta / |P_i|  for j in P_i,     0 elsewhere;
+
+    a row without peers puts all its mass on ``S_i``, so ``beta = 0`` or all-distinct groups give InfoNCE (with
+    a duplicated target image counted as a positive, never as a negative of itself).
+    """
+    eye = torch.eye(batch_size, device=device)
+    same_target = eye
+    if target_ids is not None:
+        target_ids = target_ids.to(device).view(-1)
+        if target_ids.numel() != batch_size:
+            raise ValueError(f"got {target_ids.numel()} target ids for a batch of {batch_size}")
+        same_target = (target_ids[:, None] == target_ids[None, :]).float()
+    positives = same_target / same_target.sum(dim=1, keepdim=True)
+    if groups is None or beta == 0:
+        return positives
+    groups = groups.to(device).view(-1)
+    if groups.numel() != batch_size:
+        raise ValueError(f"got {groups.numel()} group ids for a batch of {batch_size}")
+    peers = (groups[:, None] == groups[None, :]).float() * (1 - same_target)
+    count = peers.sum(dim=1, keepdim=True)
+    has_peers = count > 0
+    soft = torch.where(has_peers, beta * peers / count.clamp(min=1), torch.zeros_like(peers))
+    return soft + positives * torch.where(has_peers, 1.0 - beta, 1.0)
+
+
 class GlobalHead(Component, abc.ABC):
     """Global contextual alignment: the similarity used for retrieval and its training loss."""
 
@@ -33,23 +67,42 @@ class GlobalHead(Component, abc.ABC):
         return max_over_embeddings(query, target)
 
     @abc.abstractmethod
-    def forward(self, query: QueryFeatures, target: TargetFeatures, groups: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: QueryFeatures,
+        target: TargetFeatures,
+        groups: Tensor | None = None,
+        target_ids: Tensor | None = None,
+    ) -> Tensor:
         """Scalar training loss for a batch of aligned (query i, target i) pairs.
 
         Args:
             query: composed query features of the batch.
             target: target features of the batch, row i is the target of query i.
             groups: ``[B]`` int group ids; triplets that share a group are soft positives. None = all distinct.
+            target_ids: ``[B]`` int codes of the target images; equal codes are the same image (a positive).
         """
 
 
 class LocalHead(Component, abc.ABC):
     """Local contextual reasoning over query and target tokens."""
 
-    @abc.abstractmethod
     def score(self, query: QueryFeatures, target: TargetFeatures) -> Tensor:
-        """Pairwise local scores ``[Nq, Nt]`` of every query with every target (used to re-rank a top-K)."""
+        """Local scores ``[Nq, Nt]`` of every query with every target."""
+        tokens = target.tokens.unsqueeze(0).expand(len(query), *target.tokens.shape)
+        return self.score_pairs(query, tokens)
 
     @abc.abstractmethod
-    def forward(self, query: QueryFeatures, target: TargetFeatures, groups: Tensor | None = None) -> Tensor:
+    def score_pairs(self, query: QueryFeatures, target_tokens: Tensor) -> Tensor:
+        """Local scores ``[Nq, K]`` of query i with each of its own K candidates ``target_tokens [Nq, K, Lt, D]``
+        (used to re-rank a global top-K)."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        query: QueryFeatures,
+        target: TargetFeatures,
+        groups: Tensor | None = None,
+        target_ids: Tensor | None = None,
+    ) -> Tensor:
         """Scalar auxiliary training loss for a batch of aligned pairs (same conventions as GlobalHead)."""

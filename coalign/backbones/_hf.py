@@ -1,0 +1,185 @@
+"""Helpers shared by the transformers-based backbones (CLIP, BLIP-2).
+
+* :class:`HFTokenizerMixin`: a tokenizer that is loaded lazily (so building a backbone never touches the network),
+  saved next to the weights by ``save_assets`` and read back by ``load_assets``.
+* :class:`FrozenModulesMixin`: frozen sub-modules get no gradient *and* stay in eval mode under ``.train()``.
+* Input checks that turn shape/dtype mistakes into messages that say what was expected.
+* :func:`load_weights`: strict state-dict loading with a readable error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "FrozenModulesMixin",
+    "HFTokenizerMixin",
+    "check_images",
+    "check_query_inputs",
+    "load_hf_model",
+    "load_weights",
+]
+
+# OpenAI CLIP's preprocessing statistics; BLIP-2 (EVA ViT-g) was trained with the same ones.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def check_images(pixel_values: Any, image_size: int, where: str) -> None:
+    """Raise a clear error unless ``pixel_values`` is a float ``[B, 3, image_size, image_size]`` tensor, B >= 1."""
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"{where}: pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"{where}: pixel_values must be a float tensor (normalised images), got dtype {pixel_values.dtype}; "
+            "convert uint8 images with the backbone's image_config (mean/std) first"
+        )
+    expected = (3, image_size, image_size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected or pixel_values.shape[0] == 0:
+        raise ValueError(
+            f"{where}: pixel_values must have shape [B, 3, {image_size}, {image_size}] with B >= 1, "
+            f"got {list(pixel_values.shape)}; resize images to the backbone's image_config['size']"
+        )
+
+
+def check_query_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any, image_size: int, where: str) -> None:
+    """Validate a composed-query batch: images as in :func:`check_images`, ``[B, L]`` integer ids and mask."""
+    check_images(pixel_values, image_size, where)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"{where}: input_ids must be an integer tensor [B, L]; use backbone.tokenize(texts)")
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        shape = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"{where}: attention_mask must match input_ids {list(input_ids.shape)}, got {shape}")
+    if input_ids.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"{where}: {pixel_values.shape[0]} reference images but {input_ids.shape[0]} texts; "
+            "every reference image needs exactly one modification text"
+        )
+
+
+def load_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with an error that names the source and the keys."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"the weights from {source} do not fit {type(module).__name__}: is the backbone's `config` the "
+            f"architecture of that checkpoint?\n{err}"
+        ) from err
+
+
+class FrozenModulesMixin:
+    """Freeze named sub-modules: no gradient, and kept in eval mode so dropout/normalisation stay deterministic.
+
+    ``requires_grad=False`` alone is not enough: ``LightningModule.train()`` would switch the frozen towers back to
+    training mode and their dropout would change the features that the trainable parts learn from.
+    """
+
+    _frozen_modules: tuple[str, ...] = ()
+
+    def freeze_modules(self, names: Sequence[str]) -> None:
+        self._frozen_modules = tuple(dict.fromkeys((*self._frozen_modules, *names)))
+        for name in names:
+            module = self.get_submodule(name)  # type: ignore[attr-defined]
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True):  # noqa: D102 - nn.Module.train, plus the frozen parts stay in eval
+        super().train(mode)  # type: ignore[misc]
+        for name in self._frozen_modules:
+            self.get_submodule(name).eval()  # type: ignore[attr-defined]
+        return self
+
+
+class HFTokenizerMixin:
+    """A lazily loaded Hugging Face tokenizer that pads every text to ``max_length``.
+
+    Subclasses set ``self.tokenizer_source`` (hub id or local folder) and ``self.max_length`` in their constructor.
+    The tokenizer is not built in ``__init__`` because that would reach for the Hub (or its cache) every time a
+    checkpoint is loaded, even when the checkpoint folder carries its own tokenizer (see :meth:`load_assets`).
+    """
+
+    tokenizer_source: str
+    max_length: int
+    _tokenizer: Any = None
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use an already built tokenizer (e.g. one made in memory); :meth:`save_assets` will save it."""
+        self._tokenizer = tokenizer
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer, loading it with ``AutoTokenizer.from_pretrained(tokenizer_source)`` on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+            except (OSError, ValueError) as err:
+                raise RuntimeError(
+                    f"{type(self).__name__} could not load its tokenizer from {self.tokenizer_source!r} ({err}). "
+                    "Offline, pass `tokenizer=` a local folder holding a saved tokenizer, load a model folder that "
+                    "contains one (load_assets), or call `set_tokenizer(...)`."
+                ) from err
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenise texts into ``input_ids`` and ``attention_mask``, both ``[B, max_length]``.
+
+        Raises:
+            ValueError: ``texts`` is empty or holds something other than strings.
+        """
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise ValueError(f"tokenize expects a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("tokenize got an empty list of texts; a batch needs at least one modification text")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"tokenize expects strings; items {bad[:5]} are not")
+        encoded = self.get_tokenizer()(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        # A fixed length keeps the number of query tokens independent of the batch (the Backbone contract).
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def save_assets(self, directory: Path) -> None:
+        """Save the tokenizer to ``directory/tokenizer/`` so the folder loads offline.
+
+        If the tokenizer was never used and cannot be loaded now (offline), a warning says the folder will need
+        ``tokenizer=`` when it is loaded; the weights are still saved.
+        """
+        try:
+            tokenizer = self.get_tokenizer()
+        except RuntimeError as err:
+            warnings.warn(f"tokenizer not saved with the model: {err}", stacklevel=2)
+            return
+        tokenizer.save_pretrained(str(Path(directory) / TOKENIZER_DIR))
+
+    def load_assets(self, directory: Path) -> None:
+        """Use the tokenizer saved by :meth:`save_assets` in ``directory``, if there is one."""
+        folder = Path(directory) / TOKENIZER_DIR
+        if folder.is_dir():
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_hf_model(model_cls: Any, name: str, like: nn.Module) -> Any:
+    """``model_cls.from_pretrained(name)`` in ``like``'s dtype, with an error that says what to do offline."""
+    # The module's own dtype, so a bf16 backbone does not briefly hold an fp32 copy of a 1B-parameter tower.
+    dtype = next(like.parameters()).dtype
+    try:
+        return model_cls.from_pretrained(name, dtype=dtype)
+    except OSError as err:
+        raise RuntimeError(
+            f"could not load {model_cls.__name__} weights from {name!r} ({err}). Offline, set `model_name` to a "
+            "local folder written by save_pretrained (a downloaded snapshot of the checkpoint)."
+        ) from err

@@ -1,0 +1,99 @@
+"""``create_model`` and the registered model configurations (timm-style ``arch_tag`` names)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ._registry import get_model_fn, list_models, register_model
+from .backbones.tiny import TinyBackbone
+from .heads.global_alignment import ContextualAlignmentHead
+from .heads.local_reasoning import TokenReasoningHead
+from .model import CoAlign
+
+__all__ = ["create_model", "list_models"]
+
+_MODEL_ARGS = set(inspect.signature(CoAlign.__init__).parameters) - {"self", "backbone"}
+
+
+def _split(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Overrides naming a CoAlign argument go to the model; the rest go to the backbone."""
+    model = {k: v for k, v in overrides.items() if k in _MODEL_ARGS}
+    backbone = {k: v for k, v in overrides.items() if k not in _MODEL_ARGS}
+    return model, backbone
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> CoAlign:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models` (``"coalign_blip2_vitg"``, ``"coalign_tiny"``, ...).
+        pretrained: load the backbone's published base weights (downloads them; the heads start fresh).
+        overrides: CoAlign arguments (``rerank_top_k=50``, ``global_head=...``) or backbone arguments
+            (``freeze_image_encoder=False``, ``tokenizer="path/or/hub-id"``).
+
+    Example:
+        >>> model = create_model("coalign_tiny")
+        >>> model.backbone.image_config["size"]
+        32
+    """
+    model = get_model_fn(name)(**overrides)
+    if pretrained:
+        model.backbone.load_pretrained()
+    model.card_info.setdefault("name", name)
+    return model
+
+
+def _build(backbone_cls, backbone_defaults: dict, model_defaults: dict, overrides: dict) -> CoAlign:
+    model_kw, backbone_kw = _split(overrides)
+    backbone = backbone_cls(**{**backbone_defaults, **backbone_kw})
+    return CoAlign(backbone, **{**model_defaults, **model_kw})
+
+
+@register_model
+def coalign_tiny(**overrides: Any) -> CoAlign:
+    """A tiny CNN + transformer model trained from scratch (no download): tests, laptops, the quickstart."""
+    defaults = {
+        "global_head": ContextualAlignmentHead(beta=0.1),
+        "local_head": TokenReasoningHead(token_dim=128, top_k=4),
+        "local_loss_weight": 0.1,
+    }
+    return _build(TinyBackbone, {}, defaults, overrides)
+
+
+def _clip(model_name: str, projection_dim: int, overrides: dict) -> CoAlign:
+    from .backbones.clip import CLIPBackbone
+
+    defaults = {
+        "global_head": ContextualAlignmentHead(beta=0.1),
+        "local_head": TokenReasoningHead(token_dim=projection_dim, top_k=8),
+        "target_pad_ratio": 1.25,
+    }
+    return _build(CLIPBackbone, {"model_name": model_name}, defaults, overrides)
+
+
+@register_model
+def coalign_clip_vitb32(**overrides: Any) -> CoAlign:
+    """CLIP ViT-B/32 towers composed by CLIP4Cir's Combiner (weights: openai/clip-vit-base-patch32)."""
+    return _clip("openai/clip-vit-base-patch32", 512, overrides)
+
+
+@register_model
+def coalign_clip_vitl14(**overrides: Any) -> CoAlign:
+    """CLIP ViT-L/14 towers composed by CLIP4Cir's Combiner (weights: openai/clip-vit-large-patch14)."""
+    return _clip("openai/clip-vit-large-patch14", 768, overrides)
+
+
+@register_model
+def coalign_blip2_vitg(**overrides: Any) -> CoAlign:
+    """The paper's configuration: BLIP-2 EVA ViT-g (frozen) + Q-Former (weights: Salesforce/blip2-itm-vit-g)."""
+    from .backbones.blip2 import Blip2Backbone
+
+    defaults = {
+        "global_head": ContextualAlignmentHead(beta=0.1),
+        "local_head": TokenReasoningHead(token_dim=256, top_k=8),
+        "target_pad_ratio": 1.25,
+    }
+    return _build(
+        Blip2Backbone, {"model_name": "Salesforce/blip2-itm-vit-g", "freeze_image_encoder": True}, defaults, overrides
+    )

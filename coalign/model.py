@@ -1,0 +1,292 @@
+"""``CoAlign``: the LightningModule that composes a backbone, a global head and an optional local head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from PIL import Image
+from torch import Tensor
+
+from ._features import QueryFeatures, TargetFeatures
+from ._hub import HubMixinOverrides
+from ._optim import build_optimizer_callable, optimizer_spec
+from ._registry import build_component
+from .backbones.base import Backbone
+from .heads.base import GlobalHead, LocalHead
+from .transforms import ImageTransform
+
+__all__ = ["CoAlign"]
+
+
+class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, library_name="coalign", tags=["cir"]):
+    """Composed image retrieval with hybrid contextual alignment.
+
+    Training loss for a batch of triplets::
+
+        L = L_GCA(q, t; groups) + local_loss_weight * L_LCR(q_tokens, t_tokens; groups)
+
+    Retrieval score: ``s(q, t) = global_head.similarity(q, t)``; with a local head and ``rerank_top_k = K > 0``
+    the global top-K are re-scored as ``s + rerank_weight * r`` where ``r`` is the local head's score.
+
+    Args:
+        backbone: encodes composed queries and targets (e.g. ``Blip2Backbone``, ``CLIPBackbone``,
+            ``TinyBackbone``).
+        global_head: global contextual alignment head (None: ``ContextualAlignmentHead()``).
+        local_head: optional local contextual reasoning head (e.g. ``TokenReasoningHead``).
+        local_loss_weight: weight of the local head's auxiliary loss.
+        rerank_top_k: re-rank this many global candidates with the local head at inference (0: off).
+        rerank_weight: weight of the local score when re-ranking.
+        target_pad_ratio: pad images to this aspect ratio before resizing (1.25 for real-image benchmarks,
+            as CLIP4Cir/SPRC do); None uses the backbone's plain resize and centre crop.
+        optimizer: optimizer factory, called with the trainable parameters.
+        lr_scheduler: optional scheduler factory, called with the optimizer; stepped every step.
+        init_from: initialise the weights from a registered model name, a Hub id or a folder written by
+            ``save_pretrained`` (fine-tuning); None keeps the backbone's own initialisation.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        global_head: GlobalHead | None = None,
+        local_head: LocalHead | None = None,
+        local_loss_weight: float = 0.1,
+        rerank_top_k: int = 0,
+        rerank_weight: float = 0.5,
+        target_pad_ratio: float | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        from .heads.global_alignment import ContextualAlignmentHead
+
+        self.backbone: Backbone = build_component(backbone, Backbone)
+        self.global_head: GlobalHead = build_component(global_head, GlobalHead) or ContextualAlignmentHead()
+        self.local_head: LocalHead | None = build_component(local_head, LocalHead)
+        if rerank_top_k < 0:
+            raise ValueError(f"rerank_top_k must be >= 0, got {rerank_top_k}")
+        self.local_loss_weight = local_loss_weight
+        self.rerank_top_k = rerank_top_k
+        self.rerank_weight = rerank_weight
+        self.target_pad_ratio = target_pad_ratio
+        self.optimizer_factory = build_optimizer_callable(optimizer)
+        self.lr_scheduler_factory = build_optimizer_callable(lr_scheduler)
+        self.init_from = init_from
+        self.card_info: dict[str, Any] = {}
+        self._eval: dict[str, Any] | None = None
+        self.save_hyperparameters(self.config())
+        if init_from is not None:
+            self.load_weights_from(init_from)
+
+    # -- description -----------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The JSON config (component specs + options) that rebuilds this model; stored as hparams and
+        ``config.json``."""
+        return {
+            "backbone": self.backbone.spec(),
+            "global_head": self.global_head.spec(),
+            "local_head": None if self.local_head is None else self.local_head.spec(),
+            "local_loss_weight": self.local_loss_weight,
+            "rerank_top_k": self.rerank_top_k,
+            "rerank_weight": self.rerank_weight,
+            "target_pad_ratio": self.target_pad_ratio,
+            "optimizer": optimizer_spec(self.optimizer_factory),
+            "lr_scheduler": optimizer_spec(self.lr_scheduler_factory),
+        }
+
+    @property
+    def preprocess(self) -> ImageTransform:
+        """The model's own image transform: PIL image -> normalised tensor of the backbone's size."""
+        cfg = self.backbone.image_config
+        return ImageTransform(cfg["size"], cfg["mean"], cfg["std"], self.target_pad_ratio)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Tokenise modification texts with the backbone's tokenizer (``input_ids``, ``attention_mask``)."""
+        return self.backbone.tokenize(list(texts))
+
+    # -- inference API ---------------------------------------------------------------------------------------
+    def _pixels(self, images: Tensor | Sequence[Image.Image], what: str) -> Tensor:
+        if isinstance(images, Tensor):
+            if images.dim() == 3:
+                images = images.unsqueeze(0)
+            if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+                raise ValueError(
+                    f"{what}: expected a float tensor [B, 3, H, W] (see model.preprocess) or a list of PIL images, "
+                    f"got {tuple(images.shape)} {images.dtype}"
+                )
+            pixels = images
+        elif isinstance(images, Image.Image):
+            pixels = self.preprocess.batch([images])
+        else:
+            images = list(images)
+            if not images:
+                raise ValueError(f"{what}: got no images")
+            pixels = self.preprocess.batch(images)
+        return pixels.to(self.device, next(self.backbone.parameters()).dtype)
+
+    def encode_queries(self, reference_images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> QueryFeatures:
+        """Encode composed queries.
+
+        Args:
+            reference_images: a float tensor ``[B, 3, H, W]`` already transformed by ``model.preprocess``, or
+                a list of PIL images.
+            texts: B modification texts.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        pixels = self._pixels(reference_images, "reference_images")
+        if len(texts) != pixels.shape[0]:
+            raise ValueError(f"got {pixels.shape[0]} reference images but {len(texts)} texts")
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise ValueError(f"{len(empty)} modification texts are empty or not strings (positions {empty[:5]})")
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        return self.backbone.encode_query(pixels, tokens["input_ids"], tokens["attention_mask"])
+
+    def encode_targets(self, images: Tensor | Sequence[Image.Image]) -> TargetFeatures:
+        """Encode gallery/target images (a transformed ``[B, 3, H, W]`` tensor or a list of PIL images)."""
+        return self.backbone.encode_target(self._pixels(images, "images"))
+
+    def similarity(self, queries: QueryFeatures | Tensor, targets: TargetFeatures | Tensor) -> Tensor:
+        """Global retrieval scores ``[Nq, Nt]`` (higher is better)."""
+        q = queries.embedding if isinstance(queries, QueryFeatures) else queries
+        t = targets.embedding if isinstance(targets, TargetFeatures) else targets
+        return self.global_head.similarity(q, t)
+
+    @torch.no_grad()
+    def rerank(self, queries: QueryFeatures, gallery: TargetFeatures, index: Tensor, scores: Tensor):
+        """Re-score each query's global top-K ``index [Nq, K]`` with the local head; returns the re-sorted
+        ``(index, scores)``. ``gallery`` may live on the CPU; only the K candidates per query are moved."""
+        if self.local_head is None:
+            return index, scores
+        k = min(self.rerank_top_k, index.shape[1])
+        head_index, head_scores = index[:, :k], scores[:, :k]
+        tokens = gallery.tokens[head_index.cpu()].to(queries.tokens.device, queries.tokens.dtype)
+        local = self.local_head.score_pairs(queries, tokens).to(head_scores.dtype)
+        combined = head_scores + self.rerank_weight * local
+        order = combined.argsort(dim=1, descending=True)
+        new_index = torch.cat([head_index.gather(1, order), index[:, k:]], dim=1)
+        new_scores = torch.cat([combined.gather(1, order), scores[:, k:] + self.rerank_weight * local.min()], dim=1)
+        return new_index, new_scores
+
+    # -- training --------------------------------------------------------------------------------------------
+    def _losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if "target" not in batch:
+            raise ValueError("a training batch needs 'target' images (this split has no labels)")
+        query = self.encode_queries(batch["reference"], batch["text"])
+        target = self.encode_targets(batch["target"])
+        groups = batch.get("group")
+        codes = None
+        if "target_id" in batch:
+            lookup: dict[str, int] = {}
+            codes = torch.tensor([lookup.setdefault(t, len(lookup)) for t in batch["target_id"]], device=self.device)
+        losses = {"global_loss": self.global_head(query, target, groups, codes)}
+        loss = losses["global_loss"]
+        if self.local_head is not None and self.local_loss_weight > 0:
+            losses["local_loss"] = self.local_head(query, target, groups, codes)
+            loss = loss + self.local_loss_weight * losses["local_loss"]
+        losses["loss"] = loss
+        with torch.no_grad():
+            scores = self.similarity(query, target)
+            losses["batch_R@1"] = (
+                100.0 * (scores.argmax(dim=1) == torch.arange(len(scores), device=self.device)).float().mean()
+            )
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self._losses(batch)
+        bs = len(batch["text"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=bs)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        if hasattr(self.global_head, "temperature"):
+            self.log("train/temperature", self.global_head.temperature, batch_size=bs)
+        return losses["loss"]
+
+    # -- evaluation (validation and test share this code) ---------------------------------------------------
+    def _eval_start(self, stage: str) -> None:
+        from .evaluation.engine import encode_gallery
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not getattr(dm, "has_gallery", False):
+            self._eval = None
+            return
+        split = dm.evaluation_split(stage)
+        gallery = encode_gallery(self, dm.gallery_dataloader(split), progress=False)
+        evaluator = dm.build_evaluator(split).to(self.device)
+        self._eval = {"split": split, "gallery": gallery, "evaluator": evaluator, "examples": []}
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        if self._eval is None:  # no gallery: in-batch loss and recall
+            losses = self._losses(batch)
+            self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, batch_size=len(batch["text"]))
+            return
+        from .evaluation.engine import rank
+
+        evaluator = self._eval["evaluator"]
+        gallery = self._eval["gallery"]
+        queries = self.encode_queries(batch["reference"], batch["text"])
+        exclude = list(batch["reference_id"]) if evaluator.exclude_reference else None
+        index, scores = rank(self, queries, gallery, k=evaluator.top_k, exclude_ids=exclude)
+        ranked_ids = [[gallery.ids[j] for j in row] for row in index.tolist()]
+        evaluator.update(batch, ranked_ids, scores)
+        examples = self._eval["examples"]
+        for i in range(min(len(ranked_ids), 8 - len(examples))):
+            examples.append(
+                {
+                    "reference": batch["reference"][i].cpu(),
+                    "text": batch["text"][i],
+                    "target_id": batch.get("target_id", [""] * len(ranked_ids))[i],
+                    "ranked_ids": ranked_ids[i][:10],
+                }
+            )
+
+    def _eval_end(self, prefix: str) -> None:
+        if self._eval is None:
+            return
+        metrics = self._eval["evaluator"].compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.last_eval = {"split": self._eval["split"], "metrics": metrics, "examples": self._eval["examples"]}
+        self._eval = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("validate")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Query embeddings of a triplet batch (and target embeddings when the batch has targets)."""
+        out: dict[str, Any] = {"query": self.encode_queries(batch["reference"], batch["text"]).embedding.cpu()}
+        if "target" in batch:
+            out["target"] = self.encode_targets(batch["target"]).embedding.cpu()
+        for key in ("reference_id", "target_id", "index"):
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
