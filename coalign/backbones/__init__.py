@@ -1,10 +1,20 @@
 """Backbones (image + text encoders that produce query and target features) and composers."""
 
 from .base import Backbone
+from .blip2 import Blip2Backbone
+from .clip import CLIPBackbone
 from .composers import Combiner, Composer, ImageOnlyComposer, SumComposer, TextOnlyComposer
+from .tiny import HashingTokenizer, TinyBackbone
 
-__all__ = ["Backbone", "Composer", "Combiner", "SumComposer", "ImageOnlyComposer", "TextOnlyComposer"]
-from .blip2 import Blip2Backbone  # noqa: E402
-from .clip import CLIPBackbone  # noqa: E402
-
-__all__ += ["CLIPBackbone", "Blip2Backbone"]
+__all__ = [
+    "Backbone",
+    "Composer",
+    "Combiner",
+    "SumComposer",
+    "ImageOnlyComposer",
+    "TextOnlyComposer",
+    "TinyBackbone",
+    "HashingTokenizer",
+    "CLIPBackbone",
+    "Blip2Backbone",
+]

@@ -1,0 +1,113 @@
+"""Lightning callbacks: the retrieval report (metrics table, ``metrics.json``, a picture of results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from .viz import denormalize, retrieval_grid
+
+__all__ = ["RetrievalReport", "ExportPretrained", "format_table"]
+
+
+def format_table(metrics: dict[str, float], title: str = "metrics") -> str:
+    """A plain-text table of metric names and values."""
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [title, "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>8.2f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+class RetrievalReport(L.Callback):
+    """After a validation run (``coalign validate``) or a test run, report the gallery retrieval results.
+
+    Prints a metrics table, writes ``metrics.json`` (percentages) and ``retrieval_examples.png`` (a few queries:
+    reference image and text, their top results, the true target framed in green) into ``output_dir``
+    (default: the trainer's ``default_root_dir``).
+
+    Args:
+        output_dir: where to write; None uses ``trainer.default_root_dir``.
+        num_examples: queries drawn in the picture.
+        top_k: results drawn per query.
+    """
+
+    def __init__(self, output_dir: str | None = None, num_examples: int = 6, top_k: int = 5):
+        self.output_dir = output_dir
+        self.num_examples = num_examples
+        self.top_k = top_k
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking:
+            self._report(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    @rank_zero_only
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
+        result = getattr(pl_module, "last_eval", None)
+        if not result:
+            return
+        out = Path(self.output_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {k: round(float(v), 4) for k, v in result["metrics"].items()}
+        print("\n" + format_table(metrics, f"{prefix} retrieval ({result['split']} split), in %"))
+        payload = {**metrics, "split": result["split"], "stage": prefix}
+        (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+        pl_module.card_info.setdefault("metrics", {}).update(metrics)
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "gallery_dataset") and result["examples"]:
+            self._picture(dm, pl_module, result, out / "retrieval_examples.png")
+
+    def _picture(self, dm, pl_module, result: dict, path: Path) -> None:
+        gallery = dm.gallery_dataset(result["split"])
+        if not hasattr(gallery, "entries"):  # only GalleryDataset knows its ids without loading every image
+            return
+        position = {str(image_id): i for i, (image_id, _) in enumerate(gallery.entries)}
+        mean, std = pl_module.preprocess.mean, pl_module.preprocess.std
+        rows = []
+        for ex in result["examples"][: self.num_examples]:
+            ids = ex["ranked_ids"][: self.top_k]
+            results = [denormalize(gallery[position[i]]["image"], mean, std) for i in ids if i in position]
+            rows.append(
+                {
+                    "reference": denormalize(ex["reference"], mean, std),
+                    "text": ex["text"],
+                    "results": results,
+                    "correct": ids.index(ex["target_id"]) if ex["target_id"] in ids else None,
+                }
+            )
+        retrieval_grid(rows, path)
+        print(f"wrote {path} (true targets framed in green)")
+
+
+class ExportPretrained(L.Callback):
+    """At the end of ``fit`` (and again after a test run, with its metrics in the model card), write the model
+    with ``save_pretrained`` to ``dirpath`` (default ``<default_root_dir>/model``), ready for
+    ``CoAlign.from_pretrained``, ``coalign evaluate --model`` and ``coalign index --model``.
+
+    Args:
+        dirpath: output folder; None uses ``<trainer.default_root_dir>/model``.
+        training_data: a description of the training data for the model card.
+    """
+
+    def __init__(self, dirpath: str | None = None, training_data: str | None = None):
+        self.dirpath = dirpath
+        self.training_data = training_data
+
+    @rank_zero_only
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
+        if self.training_data:
+            pl_module.card_info["training_data"] = self.training_data
+        pl_module.save_pretrained(path)
+        print(f"saved the model to {path} (load it with CoAlign.from_pretrained({str(path)!r}))")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._export(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._export(trainer, pl_module)

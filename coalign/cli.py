@@ -1,0 +1,96 @@
+"""The ``coalign`` command: LightningCLI's fit/validate/test/predict plus coalign's own tools.
+
+``coalign fit|validate|test|predict`` are LightningCLI subcommands over :class:`CoAlign` and any coalign
+DataModule (short class names work: ``--data ShapesDataModule``). ``coalign evaluate``, ``check-submission``,
+``synthesize``, ``index`` and ``search`` sit beside them and have their own ``--help``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+from .model import CoAlign
+
+__all__ = ["CoAlignCLI", "main"]
+
+
+class CoAlignCLI(LightningCLI):
+    """LightningCLI with ``--test_after_fit``: evaluate the held-out split right after training."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, run the test loop on the DataModule's held-out split (metrics table, metrics.json, "
+            "a picture of results when a RetrievalReport callback is configured).",
+        )
+
+    def after_fit(self) -> None:
+        if self.config.get(self.subcommand, {}).get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None, verbose=False)
+
+
+def _lightning(args: list[str] | None) -> int:
+    import coalign.datamodules  # noqa: F401  (registers the DataModules for short class names)
+    from coalign.datamodules import CIRDataModule
+
+    CoAlignCLI(
+        CoAlign,
+        CIRDataModule,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+def _tools() -> dict[str, tuple[str, Callable[[list[str]], int]]]:
+    def lazy(module: str, name: str) -> Callable[[list[str]], int]:
+        def run(argv: list[str]) -> int:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)(argv)
+
+        return run
+
+    return {
+        "evaluate": (
+            "evaluate a model on FashionIQ, CIRR or CIRCO",
+            lazy("coalign.evaluation.commands", "evaluate_command"),
+        ),
+        "check-submission": (
+            "check a test-server file",
+            lazy("coalign.evaluation.commands", "check_submission_command"),
+        ),
+        "synthesize": ("run the CIRHS synthesis pipeline", lazy("coalign.synthesis.cli", "synthesize_command")),
+        "index": ("encode a folder of images for search", lazy("coalign.search_cli", "index_command")),
+        "search": ("search an index by image + text", lazy("coalign.search_cli", "search_command")),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tools = _tools()
+    if argv and argv[0] in tools:
+        return int(tools[argv[0]][1](argv[1:]) or 0)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nsubcommands:")
+        for name, text in [
+            ("fit", "train a model"),
+            ("validate", "evaluate on the validation split"),
+            ("test", "evaluate on the test split"),
+            ("predict", "embed queries and targets"),
+        ] + [(k, v[0]) for k, v in tools.items()]:
+            print(f"  {name:<17}{text}")
+        print("\nrun `coalign SUBCOMMAND --help` for the options of one")
+        return 0
+    return _lightning(None if from_shell else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
