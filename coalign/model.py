@@ -202,7 +202,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self._losses(batch)
         bs = len(batch["text"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, prog_bar=False, batch_size=bs)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         if hasattr(self.global_head, "temperature"):
             self.log("train/temperature", self.global_head.temperature, batch_size=bs)

@@ -117,7 +117,10 @@ def load_model(spec: str, random_init: bool = False):
     if path.is_file() and path.suffix == ".ckpt":
         return coalign.CoAlign.load_from_checkpoint(str(path), map_location="cpu")
     if spec in coalign.list_models():
-        return coalign.create_model(spec, pretrained=not random_init)
+        try:
+            return coalign.create_model(spec, pretrained=not random_init)
+        except NotImplementedError as err:
+            raise ValueError(f"{spec} has no published weights ({err}); --random-init builds it untrained") from None
     if spec.count("/") == 1 and not path.exists():
         return coalign.CoAlign.from_pretrained(spec)
     raise ValueError(

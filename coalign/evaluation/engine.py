@@ -182,7 +182,7 @@ def encode_query_batch(model, batch: dict, text_keys: Sequence[str] = ("text",))
 
 
 @torch.no_grad()
-def evaluation_step(model, batch: dict, gallery: Gallery, evaluator) -> None:
+def evaluation_step(model, batch: dict, gallery: Gallery, evaluator) -> tuple[Tensor, Tensor]:
     """Evaluate one query batch: encode, rank against ``gallery``, update ``evaluator``.
 
     Args:
@@ -190,6 +190,9 @@ def evaluation_step(model, batch: dict, gallery: Gallery, evaluator) -> None:
         batch: a query batch of a benchmark DataModule (``reference``, ``text``, ``reference_id``, labels).
         gallery: the split's encoded gallery, in the order of ``evaluator.gallery_ids``.
         evaluator: from ``datamodule.build_evaluator(split)``.
+
+    Returns:
+        ``(indices, scores)`` of the ranking (gallery positions, CPU), e.g. to show examples.
     """
     # benchmark evaluators take gallery positions (no 100k-string lists per batch); any other evaluator of the
     # base contract (e.g. TargetRecall) gets gallery ids
@@ -209,3 +212,4 @@ def evaluation_step(model, batch: dict, gallery: Gallery, evaluator) -> None:
         evaluator.update(batch, index, scores, query_text_keys=keys)
     else:
         evaluator.update(batch, [[gallery.ids[i] for i in row] for row in index.tolist()], scores)
+    return index, scores

@@ -1,0 +1,196 @@
+"""CoAlign: contract tests over every registered backbone and head, the inference API, Hub round trips."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import coalign
+from coalign import CoAlign, create_model
+from coalign._registry import Component, list_components
+from coalign.backbones import Backbone, TinyBackbone
+from coalign.heads import ContextualAlignmentHead, GlobalHead, LocalHead, TokenReasoningHead
+from tests._tiny_hf import tiny_blip2_backbone, tiny_clip_backbone
+
+TINY = {"image_size": 16, "channels": 4, "stages": 2, "embed_dim": 16, "token_dim": 8, "text_layers": 1}
+
+
+def tiny_backbone(tmp_path, name):
+    if name == "TinyBackbone":
+        return TinyBackbone(**TINY)
+    if name == "CLIPBackbone":
+        return tiny_clip_backbone(tmp_path)
+    return tiny_blip2_backbone(tmp_path)
+
+
+BACKBONES = ["TinyBackbone", "CLIPBackbone", "Blip2Backbone"]
+
+
+def test_every_registered_backbone_and_head_is_covered():
+    names = {p.rsplit(".", 1)[-1] for p in list_components(Backbone)}
+    assert names == set(BACKBONES), "register a tiny builder for the new backbone in this test"
+    heads = {p.rsplit(".", 1)[-1] for p in list_components(GlobalHead) + list_components(LocalHead)}
+    assert heads == {"ContextualAlignmentHead", "TokenReasoningHead"}
+
+
+def _model(tmp_path, name, **kwargs):
+    backbone = tiny_backbone(tmp_path, name)
+    local = TokenReasoningHead(token_dim=backbone.token_dim, top_k=2)
+    return CoAlign(backbone, ContextualAlignmentHead(beta=0.2), local, **kwargs).eval()
+
+
+def _inputs(model, n=3):
+    size = model.backbone.image_config["size"]
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=g), ["make it red", "add a dog", "remove the hat"][:n]
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_contract(tmp_path, name):
+    model = _model(tmp_path, name)
+    images, texts = _inputs(model)
+    q, t = model.encode_queries(images, texts), model.encode_targets(images)
+    e = model.backbone.embed_dim
+    assert q.embedding.shape == (3, e) and t.embedding.shape[0] == 3 and t.embedding.shape[2] == e
+    assert torch.allclose(q.embedding.norm(dim=-1), torch.ones(3), atol=1e-4)
+    assert torch.allclose(t.embedding.norm(dim=-1), torch.ones(t.embedding.shape[:2]), atol=1e-4)
+    assert q.tokens.shape[0] == 3 and q.tokens.shape[-1] == model.backbone.token_dim
+    assert model.similarity(q, t).shape == (3, 3)
+    # deterministic in eval mode, and a query's tokens do not depend on the other texts of the batch
+    assert torch.allclose(model.encode_queries(images, texts).embedding, q.embedding, atol=1e-6)
+    assert torch.allclose(model.encode_queries(images[:1], texts[:1]).embedding, q.embedding[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_spec_and_state_dict_round_trip(tmp_path, name):
+    model = _model(tmp_path, name)
+    images, texts = _inputs(model)
+    rebuilt = CoAlign(**json.loads(json.dumps(model.config()))).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert torch.allclose(rebuilt.encode_queries(images, texts).embedding, model.encode_queries(images, texts).embedding)
+    assert torch.allclose(rebuilt.encode_targets(images).embedding, model.encode_targets(images).embedding)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_training_step_gives_gradients_only_to_trainable_parts(tmp_path, name):
+    model = _model(tmp_path, name).train()
+    images, texts = _inputs(model)
+    batch = {"reference": images, "text": texts, "target": images.flip(0), "group": torch.tensor([0, 0, 1]),
+             "target_id": ["a", "b", "c"]}
+    loss = model._losses(batch)["loss"]
+    loss.backward()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if name == "Blip2Backbone":  # the paper freezes the image encoder
+        assert frozen and all("vision" in n for n in frozen)
+
+
+def test_save_pretrained_round_trip_is_identical(tmp_path):
+    model = create_model("coalign_tiny").eval()
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    texts = ["make it blue", "add a red circle"]
+    before = model.similarity(model.encode_queries(images, texts), model.encode_targets(images))
+    model.card_info["metrics"] = {"shapes/R@1": 91.5}
+    model.save_pretrained(tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    assert "shapes/R@1" in (tmp_path / "ckpt" / "README.md").read_text()
+    loaded = CoAlign.from_pretrained(tmp_path / "ckpt")
+    after = loaded.similarity(loaded.encode_queries(images, texts), loaded.encode_targets(images))
+    assert torch.equal(before, after)
+
+
+def test_hf_backbone_round_trip_keeps_tokenizer(tmp_path):
+    model = _model(tmp_path, "CLIPBackbone")
+    images, texts = _inputs(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = CoAlign.from_pretrained(tmp_path / "ckpt")
+    assert torch.allclose(loaded.encode_queries(images, texts).embedding, model.encode_queries(images, texts).embedding)
+
+
+def test_loading_is_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    create_model("coalign_tiny").save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(weights)
+    state.pop(next(iter(state)))
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, weights)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        CoAlign.from_pretrained(tmp_path / "ckpt")
+
+
+def test_loading_bad_folders_says_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CoAlign.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CoAlign.from_pretrained(tmp_path / "empty")
+    create_model("coalign_tiny").save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["model"]["backbone"]["class_path"] = "os.system"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a registered coalign component"):
+        CoAlign.from_pretrained(tmp_path / "ckpt")
+
+
+def test_incompatible_checkpoint_is_rejected(tmp_path):
+    create_model("coalign_tiny", embed_dim=64).save_pretrained(tmp_path / "small")
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    config["model"]["backbone"]["init_args"]["embed_dim"] = 32
+    (tmp_path / "small" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        CoAlign.from_pretrained(tmp_path / "small")
+
+
+def test_bad_inputs_get_clear_errors():
+    model = create_model("coalign_tiny").eval()
+    good = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="2 reference images but 1 texts"):
+        model.encode_queries(good, ["only one"])
+    with pytest.raises(ValueError, match="empty"):
+        model.encode_queries(good, ["fine", "  "])
+    with pytest.raises(ValueError, match="float tensor"):
+        model.encode_targets(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
+        model.encode_targets(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="no images"):
+        model.encode_targets([])
+
+
+def test_registry_rejects_unregistered_and_unknown_arguments():
+    with pytest.raises(ValueError, match="not a registered"):
+        coalign.build_component({"class_path": "torch.nn.Linear", "init_args": {}})
+    with pytest.raises(ValueError, match="unknown init_args"):
+        coalign.build_component({"class_path": "ContextualAlignmentHead", "init_args": {"betta": 0.1}})
+    assert isinstance(coalign.build_component({"class_path": "ContextualAlignmentHead"}), Component)
+
+
+def test_create_model_lists_and_routes_overrides():
+    assert {"coalign_tiny", "coalign_blip2_vitg", "coalign_clip_vitb32", "coalign_clip_vitl14"} <= set(
+        coalign.list_models()
+    )
+    model = create_model("coalign_tiny", rerank_top_k=5, embed_dim=32)
+    assert model.rerank_top_k == 5 and model.backbone.embed_dim == 32
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("coalign_nope")
+    with pytest.raises(NotImplementedError, match="no published base weights"):
+        create_model("coalign_tiny", pretrained=True)
+
+
+def test_rerank_reorders_top_k_with_local_scores():
+    model = create_model("coalign_tiny", rerank_top_k=3, rerank_weight=10.0).eval()
+    images = torch.randn(5, 3, 32, 32)
+    q = model.encode_queries(images[:2], ["a", "b"])
+    g = model.encode_targets(images)
+    scores = model.similarity(q, g)
+    top = scores.topk(5, dim=1)
+    index, new_scores = model.rerank(q, g, top.indices, top.values)
+    local = model.local_head.score(q, g)
+    for row in range(2):
+        head = top.indices[row, :3]
+        expected = head[(top.values[row, :3] + 10 * local[row, head]).argsort(descending=True)]
+        assert torch.equal(index[row, :3], expected)
+        assert torch.equal(index[row, 3:], top.indices[row, 3:])
