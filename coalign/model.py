@@ -226,15 +226,11 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             losses = self._losses(batch)
             self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, batch_size=len(batch["text"]))
             return
-        from .evaluation.engine import rank
+        from .evaluation.engine import evaluation_step
 
-        evaluator = self._eval["evaluator"]
         gallery = self._eval["gallery"]
-        queries = self.encode_queries(batch["reference"], batch["text"])
-        exclude = list(batch["reference_id"]) if evaluator.exclude_reference else None
-        index, scores = rank(self, queries, gallery, k=evaluator.top_k, exclude_ids=exclude)
-        ranked_ids = [[gallery.ids[j] for j in row] for row in index.tolist()]
-        evaluator.update(batch, ranked_ids, scores)
+        index, _ = evaluation_step(self, batch, gallery, self._eval["evaluator"])
+        ranked_ids = [[gallery.ids[j] for j in row[:10]] for row in index.tolist()]
         examples = self._eval["examples"]
         for i in range(min(len(ranked_ids), 8 - len(examples))):
             examples.append(

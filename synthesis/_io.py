@@ -1,0 +1,193 @@
+"""On-disk layout, item ids, shards and atomic writes shared by every synthesis stage.
+
+Every output a stage produces is written to a temporary file in the same folder and then moved into place with
+``os.replace``, which is atomic on POSIX file systems: a process killed at any moment leaves either the complete
+file or no file (plus, at worst, a ``.tmp-*`` file that nothing reads and the next write replaces). A stage
+therefore knows an item is done exactly when its output file exists, and a rerun resumes without losing or
+duplicating anything. We do not ``fsync``: the guarantee covers killed processes and preempted jobs, not a
+power loss on a local disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import traceback
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = [
+    "item_id",
+    "item_index",
+    "shard_of",
+    "derive_seed",
+    "item_path",
+    "existing_items",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_save_image",
+    "read_json",
+    "read_jsonl",
+    "write_jsonl",
+    "record_failure",
+    "clear_failure",
+    "list_failures",
+    "failed_indices",
+]
+
+ID_PREFIX = "q"
+ID_DIGITS = 8  # up to 100M quadruples; ids sort in index order as plain strings
+
+
+def item_id(index: int) -> str:
+    """The id of quadruple ``index``: ``q00000042``. Every artifact of the quadruple is named after it."""
+    return f"{ID_PREFIX}{index:0{ID_DIGITS}d}"
+
+
+def item_index(item: str) -> int:
+    """Inverse of :func:`item_id`."""
+    return int(item[len(ID_PREFIX) :])
+
+
+def shard_of(index: int, shard_size: int) -> int:
+    """Items are sharded by id in contiguous blocks: a shard is both a unit of work and one folder on disk."""
+    return index // shard_size
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (global seed, stage, item index, attempt).
+
+    Python's ``hash`` is salted per process, so ranks and reruns would disagree; a cryptographic hash of the
+    parts is stable everywhere and keeps the streams of neighbouring items independent.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def item_path(root: Path, index: int, shard_size: int, suffix: str = ".json") -> Path:
+    """``root/<shard:05d>/<id><suffix>``: a few thousand files per folder at most, whatever the dataset size."""
+    return _shard_dir(Path(root), shard_of(index, shard_size)) / f"{item_id(index)}{suffix}"
+
+
+def existing_items(root: Path, indices: Iterable[int], shard_size: int, suffix: str = ".json") -> set[int]:
+    """Which of ``indices`` have ``item_path(root, i, ...)`` on disk: one directory listing per shard, not one
+    ``stat`` per item (which costs as much as a tiny model's work on a shared file system)."""
+    by_shard: dict[int, list[int]] = {}
+    for i in indices:
+        by_shard.setdefault(shard_of(i, shard_size), []).append(i)
+    found = set()
+    for shard, members in by_shard.items():
+        try:
+            names = set(os.listdir(_shard_dir(Path(root), shard)))
+        except FileNotFoundError:
+            continue
+        found.update(i for i in members if f"{item_id(i)}{suffix}" in names)
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_dir(root: Path, shard: int) -> Path:
+    # pathlib parsing is a visible cost with tiny models (several paths per item and stage); cache the folders
+    return root / f"{shard:05d}"
+
+
+# -- atomic writes ---------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file, no file, or the whole new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: a KeyboardInterrupt mid-write must not leave a stray temp file either
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def atomic_save_image(path: Path, image: Image.Image) -> None:
+    """Save a PNG atomically (PNG: lossless, so the filter scores what the renderer produced)."""
+    from io import BytesIO
+
+    buf = BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file, naming the file and line when one is not valid JSON."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# -- failures --------------------------------------------------------------------------------------------------
+def _failure_path(out: Path, stage: str, index: int, shard_size: int) -> Path:
+    return item_path(out / "failures" / stage, index, shard_size)
+
+
+def record_failure(out: Path, stage: str, index: int, shard_size: int, error: BaseException, rank: int) -> None:
+    """Keep the traceback of an item whose model call raised; the item has no output, so the next run retries it."""
+    previous = _failure_path(out, stage, index, shard_size)
+    attempts = read_json(previous).get("attempts", 0) if previous.is_file() else 0
+    atomic_write_json(
+        previous,
+        {
+            "id": item_id(index),
+            "stage": stage,
+            "rank": rank,
+            "attempts": attempts + 1,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": "".join(traceback.format_exception(error)),
+        },
+    )
+
+
+def clear_failure(out: Path, stage: str, index: int, shard_size: int) -> None:
+    _failure_path(out, stage, index, shard_size).unlink(missing_ok=True)
+
+
+def list_failures(out: Path, stage: str) -> Iterator[dict[str, Any]]:
+    """Failure records still on disk for ``stage`` (items that have not succeeded since)."""
+    root = Path(out) / "failures" / stage
+    if root.is_dir():
+        for path in sorted(root.glob("*/*.json")):
+            yield read_json(path)
+
+
+def failed_indices(out: Path, stage: str) -> set[int]:
+    """Indices with a failure record for ``stage``, from file names only."""
+    root = Path(out) / "failures" / stage
+    return {item_index(p.stem) for p in root.glob("*/*.json")} if root.is_dir() else set()

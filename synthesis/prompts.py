@@ -1,0 +1,171 @@
+"""Stage 1, prompts: an instruction-tuned LLM writes one caption quadruple per item id.
+
+Artifacts under ``OUT/prompts/``:
+
+* ``items/<shard>/<id>.json``: one record per item: ``status`` (``ok`` or ``malformed``), the seeded ``domain``
+  and ``edit_type``, ``attempts``, the validation ``errors`` of rejected answers, and for ``ok`` the
+  ``quadruple`` and raw ``answer``. A malformed item has used all its retries: it is final, counted, and
+  skipped downstream (re-sampling it would give the same answers, as the seeds derive from its id).
+* ``quadruples.jsonl``: the valid quadruples, near-duplicates removed, in id order: the input of ``render``.
+* ``report.json``: counts (requested, ok, malformed, duplicates, failed, retried).
+
+An item whose LLM call raised has no record (only ``OUT/failures/prompts/<shard>/<id>.json``) and is retried by
+the next run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import models
+from ._io import (
+    atomic_write_json,
+    derive_seed,
+    existing_items,
+    failed_indices,
+    item_id,
+    item_path,
+    read_json,
+    read_jsonl,
+    write_jsonl,
+)
+from ._runner import RunContext, Stage
+from .config import SynthesisConfig
+from .llm import QUADRUPLE_KEYS, ChatLLM, JsonConstraint, json_pieces
+from .quadruples import QuadrupleError, conversation, draw, near_duplicates, parse_quadruple
+
+__all__ = ["PromptsStage", "finalize_prompts", "load_quadruples"]
+
+
+class PromptsStage(Stage):
+    """Generate, validate and retry quadruples; see the module docstring for the artifacts."""
+
+    name = "prompts"
+
+    def __init__(self, config: SynthesisConfig, ctx: RunContext):
+        super().__init__(ctx, config.shard_size)
+        self.config = config.prompts
+        self.seed = config.seed
+        self.batch_size = self.config.batch_size
+        self.root = ctx.out / "prompts"
+        self.llm: ChatLLM | None = None
+
+    def items(self) -> list[int]:
+        return list(range(self.config.num_quadruples))
+
+    def is_done(self, index: int) -> bool:
+        return item_path(self.root / "items", index, self.shard_size).is_file()
+
+    def done_items(self, indices: Sequence[int]) -> set[int]:
+        return existing_items(self.root / "items", indices, self.shard_size)
+
+    def setup(self) -> None:
+        cfg = self.config
+        pieces = tuple(json_pieces(QUADRUPLE_KEYS))
+        model, tok = models.load_causal_lm(cfg.llm, self.ctx.device, extra_tokens=pieces)
+        constraint = None
+        if cfg.constrained:
+            caption, text = (cfg.min_caption_words, cfg.max_caption_words), (cfg.min_text_words, cfg.max_text_words)
+            constraint = JsonConstraint(tok, QUADRUPLE_KEYS, [caption, caption, text, text], tok.eos_token_id)
+        self.llm = ChatLLM(model, tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p, constraint)
+
+    def teardown(self) -> None:
+        self.llm = None
+        models.free_memory()
+
+    def process(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        cfg = self.config
+        records = {}
+        for i in indices:
+            d = draw(cfg.taxonomy, self.seed, i)
+            records[i] = {
+                "id": item_id(i),
+                "index": i,
+                "status": "malformed",
+                "domain": d.domain,
+                "edit_type": d.edit_type,
+                "attempts": 0,
+                "errors": [],
+                "conversation": conversation(d, cfg),
+            }
+        pending = list(indices)
+        for attempt in range(cfg.max_retries + 1):
+            if not pending:
+                break
+            # a fresh seed per attempt: the retry is a new sample, and the same one on every rerun
+            seeds = [derive_seed(self.seed, "prompts", i, attempt) for i in pending]
+            answers = self.llm.generate([records[i]["conversation"] for i in pending], seeds)
+            still = []
+            for i, answer in zip(pending, answers, strict=True):
+                rec = records[i]
+                rec["attempts"] = attempt + 1
+                try:
+                    rec["quadruple"] = parse_quadruple(answer, cfg)
+                except QuadrupleError as err:
+                    rec["errors"].append(str(err))
+                    rec["last_answer"] = answer[:2000]
+                    still.append(i)
+                else:
+                    rec["status"], rec["answer"] = "ok", answer
+            pending = still
+        for rec in records.values():
+            del rec["conversation"]
+        return [records[i] for i in indices]
+
+    def write(self, index: int, result: dict[str, Any]) -> None:
+        atomic_write_json(item_path(self.root / "items", index, self.shard_size), result)
+
+
+def finalize_prompts(config: SynthesisConfig, out: Path) -> dict[str, Any]:
+    """Merge the item records into ``quadruples.jsonl`` (dropping near-duplicates) and write ``report.json``.
+
+    Runs on one rank after all ranks finished; it only reads records, so it can be rerun at will.
+    """
+    root = out / "prompts"
+    answered = existing_items(root / "items", range(config.prompts.num_quadruples), config.shard_size)
+    records = [read_json(item_path(root / "items", i, config.shard_size)) for i in sorted(answered)]
+    ok = [r for r in records if r["status"] == "ok"]
+    duplicate_of = near_duplicates([r["quadruple"] for r in ok], config.prompts.dedup_threshold)
+    quads = [
+        {"id": r["id"], "index": r["index"], "domain": r["domain"], "edit_type": r["edit_type"], **r["quadruple"]}
+        for pos, r in enumerate(ok)
+        if pos not in duplicate_of
+    ]
+    write_jsonl(root / "quadruples.jsonl", quads)
+    failed = len(failed_indices(out, "prompts") - answered)
+    report = {
+        "requested": config.prompts.num_quadruples,
+        "answered": len(records),
+        "ok": len(ok),
+        "malformed": len(records) - len(ok),
+        "retried_then_ok": sum(1 for r in ok if r["attempts"] > 1),
+        "duplicates": len(duplicate_of),
+        "kept": len(quads),
+        "failed": failed,
+        "missing": config.prompts.num_quadruples - len(records),
+        "duplicate_examples": [
+            [ok[later]["id"], ok[earlier]["id"]] for later, earlier in list(duplicate_of.items())[:20]
+        ],
+        "malformed_errors": _error_counts(r for r in records if r["status"] != "ok"),
+    }
+    atomic_write_json(root / "report.json", report)
+    return report
+
+
+def _error_counts(records) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        for err in r["errors"]:
+            kind = err.split(":")[0].split(" has ")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+
+
+def load_quadruples(out: Path) -> list[dict[str, Any]]:
+    """The quadruples the later stages work on, with a clear error when the prompts stage has not finished."""
+    path = out / "prompts" / "quadruples.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the prompts stage first (--stage prompts)")
+    return read_jsonl(path)

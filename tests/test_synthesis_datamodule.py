@@ -1,0 +1,107 @@
+"""CIRHSDataModule reads what ``assemble`` wrote; its sampler keeps same-group triplets together, also under DDP."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from _tiny_synthesis import baseline_dataset, copy_dataset
+from coalign.datamodules import CIRHSDataModule
+from coalign.datamodules.cirhs import DistributedGroupedBatchSampler, EpochSequentialSampler
+from coalign.synthesis._io import read_jsonl
+from lightning.fabric.utilities.data import _replace_dunder_methods, _update_dataloader
+from PIL import Image
+from torch.utils.data import BatchSampler, DistributedSampler
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def _datamodule(root, **kwargs) -> CIRHSDataModule:
+    dm = CIRHSDataModule(root=str(root), batch_size=4, image_transform=_to_tensor, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_reads_the_assembled_dataset_in_the_shared_batch_format():
+    dm = _datamodule(baseline_dataset())
+    triplets = read_jsonl(baseline_dataset() / "triplets.jsonl")
+    assert len(dm.records["train"]) + len(dm.records["val"]) == len(triplets)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"reference", "text", "target", "reference_id", "target_id", "group", "index"}
+    assert batch["reference"].shape == batch["target"].shape == (4, 3, 16, 16)
+    assert batch["group"].dtype == torch.long and all(isinstance(t, str) for t in batch["text"])
+    assert all(rid.startswith("images/") for rid in batch["reference_id"])  # relative gallery names
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_hold_whole_groups(split):
+    dm = _datamodule(baseline_dataset())
+    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    seen = []
+    for batch in loader:
+        counts = Counter(batch["group"].tolist())
+        assert set(counts.values()) == {2}, counts  # both directions of a quadruple, side by side
+        seen += batch["index"].tolist()
+    assert len(seen) == len(set(seen))
+    if split == "val":  # no drop_last in validation: every triplet once
+        assert sorted(seen) == list(range(len(dm.records["val"])))
+
+
+def test_epochs_reshuffle_and_batch_size_must_fit_groups():
+    groups = [i // 2 for i in range(40)]
+    sampler = DistributedGroupedBatchSampler(EpochSequentialSampler(range(40)), 8, True, groups, group_size=2)
+    first = list(sampler)
+    sampler.sampler.set_epoch(1)  # what Lightning calls at each epoch
+    assert list(sampler) != first and sorted(sum(first, [])) == list(range(40))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        CIRHSDataModule(root="x", batch_size=5, group_size=2)
+
+
+def test_lightning_ddp_injection_gives_each_rank_disjoint_whole_groups():
+    groups = [i // 2 for i in range(40)]
+    dataset = list(range(40))
+    per_rank = []
+    for rank in range(2):
+        with _replace_dunder_methods(BatchSampler):  # as Lightning does around the datamodule's loader hooks
+            sampler = DistributedGroupedBatchSampler(EpochSequentialSampler(dataset), 4, True, groups, group_size=2)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+        loader = _update_dataloader(loader, DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True))
+        batches = list(loader.batch_sampler)
+        assert all(set(Counter(groups[i] for i in b).values()) == {2} for b in batches)
+        per_rank.append({i for b in batches for i in b})
+    assert not per_rank[0] & per_rank[1] and len(per_rank[0] | per_rank[1]) == 40
+
+
+def test_missing_images_fail_before_training_with_count_and_paths(tmp_path):
+    root = copy_dataset(baseline_dataset(), tmp_path / "data")
+    gone = sorted(root.glob("images/*/*.png"))[:3]
+    for path in gone:
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"3 of \d+ image files are missing") as err:
+        _datamodule(root)
+    assert str(gone[0]) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="coalign synthesize"):
+        _datamodule(tmp_path / "nowhere")
+
+
+def test_coalign_tiny_fits_on_the_assembled_dataset():
+    import lightning as L
+
+    from coalign import create_model
+
+    model = create_model("coalign_tiny")
+    dm = CIRHSDataModule(root=str(baseline_dataset()), batch_size=4, group_size=2)  # model.preprocess on setup
+    trainer = L.Trainer(
+        fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(model, datamodule=dm)
+    finally:
+        torch.set_num_threads(threads)
+    assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -1,0 +1,142 @@
+"""Filter stage: decisions on constructed embeddings, bad images, the judge, and thresholds without rescoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _tiny_synthesis import baseline_dataset, copy_dataset, dataset_fingerprint, run_tiny, tiny_config
+from coalign.synthesis import ImageCheck, ModelSpec, PairInput
+from coalign.synthesis._io import item_path, read_json, read_jsonl
+from coalign.synthesis.clip_filter import CLIPScoreFilter, clip_scores
+from coalign.synthesis.config import ClipFilterConfig, ImageCheckConfig, JudgeConfig
+from coalign.synthesis.filter import load_scores
+from coalign.synthesis.judge import MLLMJudgeFilter
+from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+E = torch.eye(4)  # e0, e1: what the captions say; e2: an unrelated element; e3: what both halves share
+CLIP = CLIPScoreFilter(ClipFilterConfig(model=ModelSpec(tiny=True), min_pair_similarity=0.4))
+
+
+def _decide(ref, tgt, ref_text=E[0], tgt_text=E[1]) -> tuple[bool, dict[str, float]]:
+    scores = {k: float(v[0]) for k, v in clip_scores(ref[None], tgt[None], ref_text[None], tgt_text[None]).items()}
+    return CLIP.passes(scores), scores
+
+
+def test_clip_filter_keeps_a_consistent_edit():
+    ok, s = _decide(E[0] + E[3], E[1] + E[3])
+    assert ok
+    assert s["reference_caption"] == pytest.approx(2**-0.5) and s["caption_margin"] == pytest.approx(2**-0.5)
+    assert s["pair_similarity"] == pytest.approx(0.5) and s["direction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("ref", "tgt", "failing"),
+    [
+        (E[0] + E[3], E[0] + E[3], "pair_similarity"),  # the edit did not happen: near-duplicates
+        (E[0], E[1], "pair_similarity"),  # nothing shared: two unrelated images
+        (E[1] + E[3], E[0] + E[3], "direction"),  # halves swapped: the change runs backwards
+        (E[2] + E[3], E[1] + E[3], "reference_caption"),  # the reference does not show its caption
+        (E[0] + 2 * E[1] + E[3], E[1] + E[3], "caption_margin"),  # the reference fits the other caption better
+    ],
+)
+def test_clip_filter_rejects(ref, tgt, failing):
+    ok, s = _decide(ref, tgt)
+    assert not ok
+    c = CLIP.config
+    bad = {
+        "pair_similarity": not c.min_pair_similarity <= s["pair_similarity"] <= c.max_pair_similarity,
+        "direction": s["direction"] < c.min_direction,
+        "reference_caption": s["reference_caption"] < c.min_caption_score,
+        "caption_margin": s["caption_margin"] < c.min_caption_margin,
+    }
+    assert bad[failing], s
+
+
+def test_image_check_catches_blank_unreadable_and_missing_images(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "noise.png")
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(tmp_path / "blank.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "noise.png").read_bytes()[:60])
+    (tmp_path / "text.png").write_text("not an image")
+    check = ImageCheck(ImageCheckConfig(min_std=4.0))
+    names = ["noise", "blank", "truncated", "text", "missing"]
+    pairs = [PairInput(i, {}, tmp_path / "noise.png", tmp_path / f"{n}.png") for i, n in enumerate(names)]
+    scores = check.score(pairs)
+    assert [check.passes(s) for s in scores] == [True, False, False, False, False]
+    assert scores[1]["readable"] and scores[1]["target_std"] == 0
+    assert [s["readable"] for s in scores[2:]] == [False] * 3 and "No such file" in scores[4]["error"]
+
+
+def test_judge_scores_a_rubric_with_a_tiny_image_text_to_text_model(tmp_path):
+    judge = MLLMJudgeFilter(JudgeConfig(model=ModelSpec(tiny=True), batch_size=6, min_yes_probability=0.5))
+    judge.setup(torch.device("cpu"))
+    quad = {
+        "reference_caption": "a red car",
+        "target_caption": "a blue car",
+        "forward": "make it blue",
+        "backward": "make it red",
+    }
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)).save(tmp_path / f"{name}.png")
+    pairs = [PairInput(i, quad, tmp_path / "a.png", tmp_path / "b.png") for i in range(2)]
+    scores = judge.score(pairs)
+    assert len(scores[0]["yes"]) == 3 and all(0 < p < 1 for p in scores[0]["yes"])
+    assert scores[0] == scores[1]  # same pair, same answer, whatever its row in the batch
+    assert judge.passes(scores[0]) == (scores[0]["min_yes"] >= 0.5)
+    assert "a blue car" in judge.prompts(quad)[1] and "Answer yes or no." in judge.prompts(quad)[0]
+
+
+def test_filter_stage_rejects_broken_renders_without_crashing(tmp_path):
+    out = copy_dataset(baseline_dataset(), tmp_path / "run")
+    config = tiny_config()
+    broken = {}
+    for index, damage in ((1, "truncate"), (2, "blank")):
+        record = read_json(item_path(out / "render" / "items", index, config.shard_size))
+        path = out / record["target"]
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[:40])
+        else:
+            Image.new("RGB", Image.open(path).size, "black").save(path)
+        broken[record["id"]] = path
+    for item in broken:  # forget the scores of the damaged items
+        item_path(out / "filter" / "scores", int(item[1:]), config.shard_size).unlink()
+    reports = run_tiny(out, config, stages=("filter", "assemble"))
+    assert reports["failed"] == {}
+    for item in broken:
+        scores = load_scores(out, int(item[1:]), config.shard_size)
+        assert not ImageCheck(config.filter.image_check).passes(scores["image_check"])
+        assert "clip" not in scores and "judge" not in scores  # the cascade stopped at the image check
+    groups = {t["group"] for t in read_jsonl(out / "triplets.jsonl")}
+    assert not groups & {1, 2}
+    base = reports["filter"]["filters"]["image_check"]
+    assert base["evaluated"] - base["passed"] == 2
+
+
+def test_new_thresholds_apply_without_rescoring(tmp_path, monkeypatch):
+    out = copy_dataset(baseline_dataset(), tmp_path / "run")
+
+    def no_models(self, device):
+        raise AssertionError("the filters must not be reloaded to apply a new threshold")
+
+    for cls in (CLIPScoreFilter, MLLMJudgeFilter):
+        monkeypatch.setattr(cls, "setup", no_models)
+    config = tiny_config("--filter.clip.min_direction", "0.0")
+    reports = run_tiny(out, config, stages=("filter", "assemble"))
+    before = read_json(baseline_dataset() / "filter" / "report.json")
+    assert reports["filter"]["kept"] < before["kept"]  # stricter direction threshold
+    assert reports["filter"]["filters"]["clip"]["pass_rate"] < before["filters"]["clip"]["pass_rate"]
+    kept_groups = {t["group"] for t in read_jsonl(out / "triplets.jsonl")}
+    assert len(kept_groups) == reports["filter"]["kept"]
+    # the images of pairs no longer kept leave the dataset folder
+    assert len(dataset_fingerprint(out)) - 1 == 2 * len(kept_groups)
