@@ -47,7 +47,8 @@ def model_fingerprint(model, transform=None) -> str:
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel():
-            picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES), device=flat.device).long()
+            m = min(flat.numel(), _SAMPLES)  # evenly spaced, in integers (float linspace overshoots on big tensors)
+            picks = torch.arange(m, device=flat.device) * (flat.numel() - 1) // max(m - 1, 1)
             h.update(flat[picks].double().cpu().numpy().tobytes())
     if transform is not None:
         h.update(json.dumps(_describe(transform), sort_keys=True, default=repr).encode())
