@@ -186,10 +186,17 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         if "target_id" in batch:
             lookup: dict[str, int] = {}
             codes = torch.tensor([lookup.setdefault(t, len(lookup)) for t in batch["target_id"]], device=self.device)
-        losses = {"global_loss": self.global_head(query, target, groups, codes)}
+        negatives = None
+        if "negative" in batch:
+            # a hard negative that is some query's own target image would contradict its positive: drop it
+            targets = set(batch.get("target_id", []))
+            keep = [j for j, n in enumerate(batch.get("negative_id", [""] * len(batch["negative"]))) if n not in targets]
+            if keep:
+                negatives = self.encode_targets(batch["negative"][keep])
+        losses = {"global_loss": self.global_head(query, target, groups, codes, negatives)}
         loss = losses["global_loss"]
         if self.local_head is not None and self.local_loss_weight > 0:
-            losses["local_loss"] = self.local_head(query, target, groups, codes)
+            losses["local_loss"] = self.local_head(query, target, groups, codes, negatives)
             loss = loss + self.local_loss_weight * losses["local_loss"]
         losses["loss"] = loss
         with torch.no_grad():

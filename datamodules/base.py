@@ -13,6 +13,7 @@ key                type                                meaning
 ``reference_id``   ``list[str]``                       gallery name of the reference image
 ``target_id``      ``list[str]``                       gallery name of the target ("" when unknown)
 ``group``          long ``[B]``                        group id; same-group triplets are soft positives
+``negative``       float ``[B, 3, H, W]``              optional hard negatives, a negative for every query
 ``index``          long ``[B]``                        position of the query in its split's annotation
 =================  ==================================  =============================================
 
@@ -108,6 +109,9 @@ class TripletDataset(Dataset):
             "group": int(r.get("group", i)),
             "index": int(r.get("index", i)),
         }
+        if "negative_image" in r:  # an optional hard negative (e.g. a look-alike of the target)
+            item["negative"] = self.transform(r["negative_image"])
+            item["negative_id"] = str(r.get("negative_id", ""))
         if "target_image" in r:
             item["target"] = self.transform(r["target_image"])
         elif r.get("target"):

@@ -179,6 +179,8 @@ class _RenderedTriplets(Dataset):
         r = dict(self.records[i])
         r["reference_image"] = self.world.render(r.pop("reference_scene"))
         r["target_image"] = self.world.render(r.pop("target_scene"))
+        if "negative_scene" in r:
+            r["negative_image"] = self.world.render(r.pop("negative_scene"))
         self.inner.records = [r]
         return self.inner[0]
 
@@ -199,6 +201,8 @@ class ShapesDataModule(CIRDataModule):
         group_size: triplets of one group placed together in a training batch.
         bidirectional: also train on each edit reversed (target -> reference with the inverse text), as CIRHS
             does; the reference of one triplet is then the target of another in the same batch, a hard negative.
+        hard_negatives: give every training triplet a look-alike of its target (one more edit away) as a hard
+            negative (the ``negative`` batch key), the kind of image the test gallery is full of.
         seed: base seed; train, val and test use ``seed``, ``seed + 1`` and ``seed + 2``.
         batch_size: triplets per batch.
         num_workers: loader worker processes.
@@ -216,6 +220,7 @@ class ShapesDataModule(CIRDataModule):
         distractors: int = 1,
         group_size: int = 4,
         bidirectional: bool = True,
+        hard_negatives: bool = True,
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -229,6 +234,7 @@ class ShapesDataModule(CIRDataModule):
         self.distractors = distractors
         self.group_size = group_size
         self.bidirectional = bidirectional
+        self.hard_negatives = hard_negatives
         self.seed = seed
         self._splits: dict[str, tuple[list[dict], list[Scene]]] = {}
 
@@ -255,17 +261,19 @@ class ShapesDataModule(CIRDataModule):
                 if split == "train" and self.bidirectional:
                     pairs.append((target, backward, source))
                 for reference, text, goal in pairs:
-                    records.append(
-                        {
-                            "reference_scene": reference,
-                            "target_scene": goal,
-                            "reference_id": reference.key,
-                            "target_id": goal.key,
-                            "text": text,
-                            "group": g,
-                            "index": len(records),
-                        }
-                    )
+                    record = {
+                        "reference_scene": reference,
+                        "target_scene": goal,
+                        "reference_id": reference.key,
+                        "target_id": goal.key,
+                        "text": text,
+                        "group": g,
+                        "index": len(records),
+                    }
+                    if split == "train" and self.hard_negatives:
+                        look_alike = self.world.random_edit(goal, rng)[0]
+                        record.update(negative_scene=look_alike, negative_id=look_alike.key)
+                    records.append(record)
                 gallery[target.key] = target
                 if split != "train":
                     for _ in range(self.distractors):

@@ -94,3 +94,16 @@ def test_token_reasoning_loss_and_masking():
     assert head.projection.weight.grad is not None
     head.eval()
     assert torch.equal(head(q, t), head(q, t))  # no masking at eval: deterministic
+
+
+def test_hard_negatives_add_zero_target_columns():
+    q, t = _features([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]])
+    n = TargetFeatures(torch.tensor([[[0.6, 0.8]]]), torch.tensor([[[0.6, 0.8]]]))
+    head = ContextualAlignmentHead(beta=0.0, init_temperature=1.0)
+    s = torch.tensor([[1.0, 0.0, 0.6], [0.0, 1.0, 0.8]])
+    expected = -F.log_softmax(s, dim=1).diagonal().mean()
+    assert head(q, t, negatives=n).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert head(q, t, negatives=n).item() > head(q, t).item()  # a hard negative makes the task harder
+    local = TokenReasoningHead(token_dim=2, projection_dim=None, top_k=1, mask_ratio=0.0, init_temperature=1.0)
+    expected_local = -F.log_softmax(s, dim=1).diagonal().mean()  # one token each: local score == cosine
+    assert local(q, t, negatives=n).item() == pytest.approx(expected_local.item(), rel=1e-5)

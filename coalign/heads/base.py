@@ -73,6 +73,7 @@ class GlobalHead(Component, abc.ABC):
         target: TargetFeatures,
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
+        negatives: TargetFeatures | None = None,
     ) -> Tensor:
         """Scalar training loss for a batch of aligned (query i, target i) pairs.
 
@@ -81,6 +82,7 @@ class GlobalHead(Component, abc.ABC):
             target: target features of the batch, row i is the target of query i.
             groups: ``[B]`` int group ids; triplets that share a group are soft positives. None = all distinct.
             target_ids: ``[B]`` int codes of the target images; equal codes are the same image (a positive).
+            negatives: features of extra hard-negative images (a negative for every query), or None.
         """
 
 
@@ -104,5 +106,6 @@ class LocalHead(Component, abc.ABC):
         target: TargetFeatures,
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
+        negatives: TargetFeatures | None = None,
     ) -> Tensor:
         """Scalar auxiliary training loss for a batch of aligned pairs (same conventions as GlobalHead)."""

@@ -66,12 +66,18 @@ class ContextualAlignmentHead(GlobalHead):
         target: TargetFeatures,
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
+        negatives: TargetFeatures | None = None,
     ) -> Tensor:
         if len(query) != len(target):
             raise ValueError(f"got {len(query)} queries but {len(target)} targets")
         logits = self.logits(query, target)
         y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
+        if self.symmetric:
+            reverse = -(y.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+        if negatives is not None:  # extra hard-negative columns, a negative for every query
+            logits = torch.cat([logits, self.logits(query, negatives)], dim=1)
+            y = F.pad(y, (0, len(negatives)))
         loss = -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         if self.symmetric:
-            loss = 0.5 * (loss - (y.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean())
+            loss = 0.5 * (loss + reverse)
         return loss

@@ -102,6 +102,7 @@ class TokenReasoningHead(LocalHead):
         target: TargetFeatures,
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
+        negatives: TargetFeatures | None = None,
     ) -> Tensor:
         if len(query) != len(target):
             raise ValueError(f"got {len(query)} queries but {len(target)} targets")
@@ -111,6 +112,10 @@ class TokenReasoningHead(LocalHead):
             # never hide every token of a query: keep its first valid token
             first = F.one_hot(mask.float().argmax(dim=1), mask.shape[1]).bool()
             mask = mask & (keep | first)
-        logits = self.score(query, target, mask) / self.log_temperature.exp().clamp(0.001, 1.0)
+        logits = self.score(query, target, mask)
         y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
+        if negatives is not None:
+            logits = torch.cat([logits, self.score(query, negatives, mask)], dim=1)
+            y = F.pad(y, (0, len(negatives)))
+        logits = logits / self.log_temperature.exp().clamp(0.001, 1.0)
         return -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
