@@ -6,6 +6,7 @@ from .cirhs import CIRHSDataModule
 from .cirr import CIRRDataModule
 from .fashioniq import FashionIQDataModule
 from .shapes import ShapesDataModule
+from .triplets import TripletsDataModule
 
 __all__ = [
     "CIRDataModule",
@@ -19,4 +20,5 @@ __all__ = [
     "CIRRDataModule",
     "CIRCODataModule",
     "CIRHSDataModule",
+    "TripletsDataModule",
 ]

@@ -194,3 +194,31 @@ def test_rerank_reorders_top_k_with_local_scores():
         expected = head[(top.values[row, :3] + 10 * local[row, head]).argsort(descending=True)]
         assert torch.equal(index[row, :3], expected)
         assert torch.equal(index[row, 3:], top.indices[row, 3:])
+
+
+@pytest.mark.parametrize("composer", ["ImageOnlyComposer", "TextOnlyComposer"])
+def test_ablation_composers_ignore_one_input(composer):
+    from coalign import build_component
+
+    comp = build_component({"class_path": composer, "init_args": {"dim": 16}})
+    backbone = TinyBackbone(**TINY, spatial_fusion=False, composer=comp)
+    model = CoAlign(backbone).eval()
+    images = torch.randn(2, 3, 16, 16)
+    q = model.encode_queries(images, ["add a red circle", "remove it"]).embedding
+    if composer == "ImageOnlyComposer":
+        other = model.encode_queries(images, ["something else", "entirely"]).embedding
+    else:
+        other = model.encode_queries(torch.randn(2, 3, 16, 16), ["add a red circle", "remove it"]).embedding
+    assert torch.allclose(q, other, atol=1e-6)
+
+
+def test_combiner_by_hand():
+    from coalign.backbones import Combiner
+
+    comb = Combiner(dim=4, projection_dim=3, hidden_dim=5, dropout=0.0).eval()
+    i, t = torch.randn(2, 4), torch.randn(2, 4)
+    tp, ip = torch.relu(comb.text_projection(t)), torch.relu(comb.image_projection(i))
+    c = torch.cat([tp, ip], -1)
+    lam = comb.dynamic_scalar(c)
+    expected = comb.output(torch.relu(comb.combiner(c))) + lam * t + (1 - lam) * i
+    assert torch.allclose(comb(i, t), expected)

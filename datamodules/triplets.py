@@ -1,0 +1,212 @@
+"""One's own triplets from a CSV or JSONL file: fine-tune a CIR model on them and validate with Recall@K.
+
+The file has one triplet per row, with image paths relative to ``image_root``::
+
+    reference,text,target,group,split
+    shoes/a.jpg,the same shoe in black,shoes/b.jpg,7,train
+
+``reference``, ``text`` and ``target`` are required; ``group`` (triplets whose targets are soft positives of
+one another, e.g. several edits of one product) and ``split`` (``train`` or ``val``) are optional. Without a
+``split`` column, ``val_fraction`` of the groups (or of the reference images, when there is no ``group``) go to
+validation, drawn with ``seed``: whole groups, so no validation query has a training twin.
+
+Validation ranks a gallery of the validation images (every reference and target of the val triplets) and
+reports ``triplets/R@1, R@5, R@10, R@50``; each query's own reference image is removed from its ranking.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .base import CIRDataModule, GalleryDataset, GroupedBatchSampler, Transform, TripletDataset, check_files_exist
+
+__all__ = ["TripletsDataModule", "read_triplets_file"]
+
+REQUIRED = ("reference", "text", "target")
+SPLITS = ("train", "val")
+
+
+def read_triplets_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a triplets CSV (``.csv``/``.tsv``) or JSON Lines (``.jsonl``) file, checked for columns.
+
+    Raises:
+        ValueError: a required column is missing, or rows have empty values (with their line numbers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"triplets file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [(n, {k.strip(): v for k, v in r.items() if k is not None}) for n, r in enumerate(reader, 2)]
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+        columns = sorted({k for _, r in rows for k in r})
+    else:
+        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file, got {suffix or 'no extension'}")
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the column(s) {missing}; it has {columns}. A triplets file needs the columns "
+            f"{list(REQUIRED)} (optional: group, split)"
+        )
+    if not rows:
+        raise ValueError(f"{path} holds no triplets")
+    empty = [n for n, r in rows if any(r.get(c) in (None, "") or not str(r.get(c)).strip() for c in REQUIRED)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} row(s) of {path} have an empty {'/'.join(REQUIRED)} value, at lines {empty[:5]}"
+        )
+    return [dict(r, line=n) for n, r in rows]
+
+
+class TripletsDataModule(CIRDataModule):
+    """Fine-tune on one's own (reference image, modification text, target image) triplets.
+
+    Args:
+        path: the triplets file (``.csv``, ``.tsv`` or ``.jsonl``) with columns ``reference``, ``text``,
+            ``target`` and optionally ``group`` and ``split``.
+        image_root: the folder the image paths are relative to (default: the triplets file's folder).
+        val_fraction: share of the groups (of the reference images, without a ``group`` column) held out for
+            validation when the file has no ``split`` column (0 disables validation).
+        seed: seed of that split and of the batch shuffling.
+        group_size: triplets of one ``group`` placed together in a training batch (soft positives).
+        exclude_reference: remove each validation query's reference image from its ranking.
+        batch_size: triplets (or gallery images) per batch.
+        num_workers: loader worker processes.
+        image_transform: callable PIL -> tensor; None takes the attached model's ``preprocess``.
+    """
+
+    has_gallery = True
+
+    def __init__(
+        self,
+        path: str,
+        image_root: str | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        group_size: int = 2,
+        exclude_reference: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_transform: Transform | None = None,
+    ):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.group_size = group_size
+        self.exclude_reference = exclude_reference
+        self.records: dict[str, list[dict[str, Any]]] = {}
+
+    # -- reading and splitting ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.records:
+            return
+        rows = read_triplets_file(self.path)
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"image_root {self.image_root} is not a folder")
+        images = sorted({r[c] for r in rows for c in ("reference", "target")})
+        try:  # one error listing every missing image, before any step runs
+            check_files_exist([self.image_root / p for p in images])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.path} (image_root {self.image_root}): {err}") from None
+        groups: dict[str, int] = {}
+        records = []
+        for r in rows:
+            # without a group column each triplet is its own group, and the split keeps a reference's triplets together
+            key = str(r["group"]) if str(r.get("group", "")).strip() else f"line {r['line']}"
+            records.append(
+                {
+                    "reference": str(self.image_root / r["reference"]),
+                    "target": str(self.image_root / r["target"]),
+                    "reference_id": r["reference"],
+                    "target_id": r["target"],
+                    "text": str(r["text"]).strip(),
+                    "group": groups.setdefault(key, len(groups)),
+                    "unit": key if str(r.get("group", "")).strip() else r["reference"],
+                    "split": str(r.get("split") or "").strip().lower(),
+                }
+            )
+        self._assign_splits(records)
+        for split in SPLITS:
+            chosen = [r for r in records if r["split"] == split]
+            self.records[split] = [dict(r, index=i) for i, r in enumerate(chosen)]
+        if not self.records["train"]:
+            raise ValueError(f"{self.path} has no training triplets")
+
+    def _assign_splits(self, records: list[dict[str, Any]]) -> None:
+        given = [r["split"] for r in records]
+        if any(given):
+            bad = sorted({s for s in given if s not in SPLITS})
+            if bad:
+                raise ValueError(f"{self.path}: split values must be 'train' or 'val', found {bad}")
+            return
+        units = sorted({r["unit"] for r in records})
+        random.Random(self.seed).shuffle(units)
+        n_val = math.ceil(self.val_fraction * len(units)) if self.val_fraction > 0 and len(units) > 1 else 0
+        held_out = set(units[:n_val])
+        for r in records:
+            r["split"] = "val" if r["unit"] in held_out else "train"
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        records = self.records["train"]
+        sampler = GroupedBatchSampler(
+            [r["group"] for r in records],
+            self.batch_size,
+            self.group_size,
+            drop_last=len(records) >= self.batch_size,  # a tiny file still gives one (smaller) batch
+            seed=self.seed,
+        )
+        return self._loader(TripletDataset(records, self.transform), batch_sampler=sampler)
+
+    def _queries(self) -> DataLoader | list:
+        # queries need no target image: the evaluator finds target_id in the gallery
+        records = [{k: v for k, v in r.items() if k != "target"} for r in self.records.get("val", [])]
+        return self._loader(TripletDataset(records, self.transform)) if records else []
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._queries()
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._queries()
+
+    # -- retrieval evaluation protocol -------------------------------------------------------------------------
+    def evaluation_split(self, stage: str) -> str:
+        return "val"  # a user's file has no separate test split: test re-runs validation
+
+    def gallery_dataset(self, split: str) -> GalleryDataset:
+        if split != "val":
+            raise ValueError(f"TripletsDataModule evaluates on the 'val' split, not {split!r}")
+        seen: dict[str, str] = {}
+        for r in self.records.get("val", []):
+            seen.setdefault(r["reference_id"], r["reference"])
+            seen.setdefault(r["target_id"], r["target"])
+        return GalleryDataset(sorted(seen.items()), self.transform)
+
+    def build_evaluator(self, split: str):
+        from coalign.evaluation.recall import TargetRecall
+
+        return TargetRecall(ks=(1, 5, 10, 50), prefix="triplets/", exclude_reference=self.exclude_reference)
