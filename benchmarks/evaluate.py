@@ -129,10 +129,10 @@ def _bare_encode(model, data, images: dict[str, torch.Tensor], batch_size: int) 
 
 def part_a(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests" / "data"))
-    from coalign.datamodules import CIRRDataModule
-    from coalign.datamodules.base import load_image
     from make_fake_benchmarks import make_cirr
 
+    from coalign.datamodules import CIRRDataModule
+    from coalign.datamodules.base import load_image
     from coalign.evaluation import evaluate
 
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from coalign.synthesis import RunContext, load_config
 from coalign.synthesis._io import derive_seed, item_path, read_json
 from coalign.synthesis._runner import run_stage

@@ -55,7 +55,7 @@ def coalign_tiny(**overrides: Any) -> CoAlign:
     """A tiny CNN + transformer model trained from scratch (no download): tests, laptops, the quickstart."""
     defaults = {
         "global_head": ContextualAlignmentHead(beta=0.1),
-        "local_head": TokenReasoningHead(token_dim=128, top_k=4),
+        "local_head": TokenReasoningHead(token_dim=64, top_k=4),
         "local_loss_weight": 0.1,
     }
     return _build(TinyBackbone, {}, defaults, overrides)

@@ -190,7 +190,9 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         if "negative" in batch:
             # a hard negative that is some query's own target image would contradict its positive: drop it
             targets = set(batch.get("target_id", []))
-            keep = [j for j, n in enumerate(batch.get("negative_id", [""] * len(batch["negative"]))) if n not in targets]
+            keep = [
+                j for j, n in enumerate(batch.get("negative_id", [""] * len(batch["negative"]))) if n not in targets
+            ]
             if keep:
                 negatives = self.encode_targets(batch["negative"][keep])
         losses = {"global_loss": self.global_head(query, target, groups, codes, negatives)}

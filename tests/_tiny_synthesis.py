@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from coalign.synthesis import RunContext, SynthesisConfig, load_config, run
 
 REPO = Path(__file__).resolve().parents[1]

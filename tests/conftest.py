@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # tiny models run several times faster on one thread than on two contending ones
 torch.set_num_threads(1)
 

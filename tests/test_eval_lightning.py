@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from coalign.datamodules import CIRRDataModule, FashionIQDataModule
 
 import coalign
 from coalign.cli import main
+from coalign.datamodules import CIRRDataModule, FashionIQDataModule
 from coalign.evaluation import CIRREvaluator
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))

@@ -24,9 +24,7 @@ def test_max_over_embeddings_takes_best_of_k():
 
 def test_soft_targets_by_hand():
     y = soft_positive_targets(torch.tensor([0, 0, 0, 1]), 4, beta=0.2)
-    expected = torch.tensor(
-        [[0.8, 0.1, 0.1, 0.0], [0.1, 0.8, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]]
-    )
+    expected = torch.tensor([[0.8, 0.1, 0.1, 0.0], [0.1, 0.8, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]])
     assert torch.allclose(y, expected)
     # a duplicated target image is a positive, never a negative of itself
     y = soft_positive_targets(None, 3, beta=0.2, target_ids=torch.tensor([7, 8, 7]))

@@ -68,7 +68,9 @@ def test_spec_and_state_dict_round_trip(tmp_path, name):
     images, texts = _inputs(model)
     rebuilt = CoAlign(**json.loads(json.dumps(model.config()))).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
-    assert torch.allclose(rebuilt.encode_queries(images, texts).embedding, model.encode_queries(images, texts).embedding)
+    assert torch.allclose(
+        rebuilt.encode_queries(images, texts).embedding, model.encode_queries(images, texts).embedding
+    )
     assert torch.allclose(rebuilt.encode_targets(images).embedding, model.encode_targets(images).embedding)
 
 
@@ -76,8 +78,13 @@ def test_spec_and_state_dict_round_trip(tmp_path, name):
 def test_training_step_gives_gradients_only_to_trainable_parts(tmp_path, name):
     model = _model(tmp_path, name).train()
     images, texts = _inputs(model)
-    batch = {"reference": images, "text": texts, "target": images.flip(0), "group": torch.tensor([0, 0, 1]),
-             "target_id": ["a", "b", "c"]}
+    batch = {
+        "reference": images,
+        "text": texts,
+        "target": images.flip(0),
+        "group": torch.tensor([0, 0, 1]),
+        "target_id": ["a", "b", "c"],
+    }
     loss = model._losses(batch)["loss"]
     loss.backward()
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -201,7 +208,7 @@ def test_ablation_composers_ignore_one_input(composer):
     from coalign import build_component
 
     comp = build_component({"class_path": composer, "init_args": {"dim": 16}})
-    backbone = TinyBackbone(**TINY, spatial_fusion=False, composer=comp)
+    backbone = TinyBackbone(**TINY, composer=comp)
     model = CoAlign(backbone).eval()
     images = torch.randn(2, 3, 16, 16)
     q = model.encode_queries(images, ["add a red circle", "remove it"]).embedding

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from _tiny_synthesis import baseline_dataset, copy_dataset
-from coalign.datamodules import CIRHSDataModule
-from coalign.datamodules.cirhs import DistributedGroupedBatchSampler, EpochSequentialSampler
-from coalign.synthesis._io import read_jsonl
 from lightning.fabric.utilities.data import _replace_dunder_methods, _update_dataloader
 from PIL import Image
 from torch.utils.data import BatchSampler, DistributedSampler
+
+from coalign.datamodules import CIRHSDataModule
+from coalign.datamodules.cirhs import DistributedGroupedBatchSampler, EpochSequentialSampler
+from coalign.synthesis._io import read_jsonl
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

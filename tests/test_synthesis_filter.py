@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 from _tiny_synthesis import baseline_dataset, copy_dataset, dataset_fingerprint, run_tiny, tiny_config
+from PIL import Image
+
 from coalign.synthesis import ImageCheck, ModelSpec, PairInput
 from coalign.synthesis._io import item_path, read_json, read_jsonl
 from coalign.synthesis.clip_filter import CLIPScoreFilter, clip_scores
 from coalign.synthesis.config import ClipFilterConfig, ImageCheckConfig, JudgeConfig
 from coalign.synthesis.filter import load_scores
 from coalign.synthesis.judge import MLLMJudgeFilter
-from PIL import Image
 
 
 @pytest.fixture(autouse=True, scope="module")

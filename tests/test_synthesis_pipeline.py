@@ -22,6 +22,7 @@ from _tiny_synthesis import (
     run_tiny,
     tiny_config,
 )
+
 from coalign.synthesis import DATASET_FILES, synthesize_command
 from coalign.synthesis._io import read_json, read_jsonl
 from coalign.synthesis.cli import build_parser

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_synthesis import tiny_config
+
 from coalign.synthesis import QuadrupleError, RunContext, parse_quadruple
 from coalign.synthesis._io import derive_seed, item_path, list_failures, read_json
 from coalign.synthesis._runner import run_stage

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from _tiny_synthesis import tiny_config
+from PIL import Image
+
 from coalign.synthesis import RunContext, split_composite
 from coalign.synthesis._io import item_path, read_json, write_jsonl
 from coalign.synthesis._runner import run_stage
 from coalign.synthesis.render import RenderStage, diptych_prompt
-from PIL import Image
 
 
 @pytest.fixture(autouse=True, scope="module")

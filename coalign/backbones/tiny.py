@@ -83,8 +83,6 @@ class TinyBackbone(Backbone):
         num_buckets: hashing vocabulary size.
         max_length: tokens per text, including [CLS].
         composer: fuses image and text features; None builds a ``Combiner(embed_dim, 2*E, 4*E, dropout=0.1)``.
-        spatial_fusion: before the composer, let the text modulate the reference's feature map (FiLM, then a
-            residual conv), TIRG-style; False composes the global features only.
     """
 
     def __init__(
@@ -92,14 +90,13 @@ class TinyBackbone(Backbone):
         image_size: int = 32,
         channels: int = 32,
         stages: int = 3,
-        embed_dim: int = 256,
-        token_dim: int = 128,
+        embed_dim: int = 128,
+        token_dim: int = 64,
         text_layers: int = 2,
         text_heads: int = 4,
         num_buckets: int = 4096,
         max_length: int = 24,
         composer: Composer | None = None,
-        spatial_fusion: bool = True,
     ):
         super().__init__()
         if image_size % (2**stages):
@@ -124,14 +121,6 @@ class TinyBackbone(Backbone):
         self.text_encoder = nn.TransformerEncoder(layer, text_layers, enable_nested_tensor=False)
         self.text_norm = nn.LayerNorm(embed_dim)
         self.composer = composer if composer is not None else Combiner(embed_dim, 2 * embed_dim, 4 * embed_dim, 0.1)
-        self.spatial_fusion = spatial_fusion
-        if spatial_fusion:
-            self.film = nn.Linear(embed_dim, 2 * cin)
-            nn.init.zeros_(self.film.weight)
-            nn.init.zeros_(self.film.bias)
-            self.edit = nn.Sequential(
-                nn.Conv2d(2 * cin, cin, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(cin, cin, 3, padding=1)
-            )
         self.query_shift = nn.Linear(embed_dim, token_dim)
 
     @property
@@ -155,15 +144,9 @@ class TinyBackbone(Backbone):
                 "use model.preprocess to resize them"
             )
 
-    def _encode_image(self, pixel_values: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _encode_image(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         self._check_images(pixel_values)
         fmap = self.cnn(pixel_values)  # [B, C, g, g]
-        if text is not None and self.spatial_fusion:
-            # the text edits the reference's feature map in place (FiLM + a residual conv), so "move the red
-            # circle to the left" can act where the circle is, before the map is read out like a target's
-            gamma, beta = self.film(text)[:, :, None, None].chunk(2, dim=1)
-            modulated = fmap * (1 + gamma) + beta
-            fmap = fmap + self.edit(torch.cat([fmap, modulated], dim=1))
         tokens = self.image_tokens(fmap.flatten(2).transpose(1, 2))  # [B, g*g, D]
         return self.image_global(fmap), tokens
 
@@ -175,9 +158,8 @@ class TinyBackbone(Backbone):
     def encode_query(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"got {pixel_values.shape[0]} reference images but {input_ids.shape[0]} texts")
-        text = self._encode_text(input_ids, attention_mask)
-        image, tokens = self._encode_image(pixel_values, text)
-        composed = self.composer(image, text)
+        image, tokens = self._encode_image(pixel_values)
+        composed = self.composer(image, self._encode_text(input_ids, attention_mask))
         tokens = tokens + self.query_shift(composed).unsqueeze(1)
         return QueryFeatures(F.normalize(composed, dim=-1), tokens, None)
 
