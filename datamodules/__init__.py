@@ -1,6 +1,14 @@
 """LightningDataModules (installed as ``coalign.datamodules``); every one yields the batch format of ``base``."""
 
-from .base import CIRDataModule, GalleryDataset, GroupedBatchSampler, TripletDataset, collate, load_image
+from .base import (
+    CIRDataModule,
+    EpochSequentialSampler,
+    GalleryDataset,
+    GroupedBatchSampler,
+    TripletDataset,
+    collate,
+    load_image,
+)
 from .circo import CIRCODataModule
 from .cirhs import CIRHSDataModule
 from .cirr import CIRRDataModule
@@ -13,6 +21,7 @@ __all__ = [
     "TripletDataset",
     "GalleryDataset",
     "GroupedBatchSampler",
+    "EpochSequentialSampler",
     "collate",
     "load_image",
     "ShapesDataModule",

@@ -27,9 +27,9 @@ match the backbone.
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,14 @@ import lightning as L
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 __all__ = [
     "CIRDataModule",
     "TripletDataset",
     "GalleryDataset",
     "GroupedBatchSampler",
+    "EpochSequentialSampler",
     "collate",
     "load_image",
     "check_files_exist",
@@ -135,63 +136,99 @@ class GalleryDataset(Dataset):
         return {"image": self.transform(image), "image_id": image_id}
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches that hold several triplets of one group, for the global head's same-group soft positives.
+class EpochSequentialSampler(SequentialSampler):
+    """A sequential sampler that remembers the epoch Lightning gives it, for :class:`GroupedBatchSampler`."""
 
-    Each epoch the groups are shuffled (seeded by ``seed + epoch``), each group contributes chunks of up to
-    ``group_size`` of its (shuffled) items, and the chunks are packed into batches of ``batch_size``. Every item
-    appears exactly once per epoch; ``group_size = 1`` is a plain shuffled sampler.
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class GroupedBatchSampler(BatchSampler):
+    """Batches made of chunks of up to ``group_size`` same-group triplets.
+
+    Each epoch, every group's triplets are shuffled and cut into chunks of ``group_size``; the chunks are
+    shuffled and packed into batches without ever splitting one. Under DDP every rank draws the same batch list
+    and takes every ``num_replicas``-th batch, so groups stay whole on one rank. When Lightning replaces
+    ``sampler`` with a ``DistributedSampler`` (its default under DDP), the rank and world size are read from it.
 
     Args:
-        groups: the group id of every item of the dataset.
-        batch_size: items per batch.
-        group_size: how many triplets of one group are placed together.
+        sampler: its indices are not used; it carries the epoch (``set_epoch``) and, when Lightning made it a
+            ``DistributedSampler``, the rank.
+        batch_size: triplets per batch; a multiple of ``group_size``.
         drop_last: drop the last incomplete batch.
-        seed: base seed of the shuffling.
+        groups: group id of each dataset index.
+        group_size: triplets of one group kept together (1 disables grouping).
+        shuffle: reshuffle every epoch (False: a fixed order, for validation).
+        seed: base seed of the shuffles.
     """
 
     def __init__(
-        self, groups: Sequence[int], batch_size: int, group_size: int = 2, drop_last: bool = True, seed: int = 0
+        self,
+        sampler,
+        batch_size: int,
+        drop_last: bool,
+        groups: Sequence[int],
+        group_size: int = 2,
+        shuffle: bool = True,
+        seed: int = 0,
     ):
-        if group_size < 1 or batch_size < 1:
-            raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}")
-        self.members: dict[int, list[int]] = {}
-        for index, group in enumerate(groups):
-            self.members.setdefault(int(group), []).append(index)
-        self.n = len(groups)
-        self.batch_size = batch_size
+        if group_size < 1 or batch_size % group_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of group_size ({group_size})")
+        super().__init__(sampler, batch_size, drop_last)
+        self.groups = list(groups)
         self.group_size = group_size
-        self.drop_last = drop_last
+        self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _chunks(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        chunks = []
-        for items in self.members.values():
-            items = items[:]
-            rng.shuffle(items)
-            chunks.extend(items[i : i + self.group_size] for i in range(0, len(items), self.group_size))
-        rng.shuffle(chunks)
-        return chunks
+    def _replicas(self) -> tuple[int, int]:
+        if isinstance(self.sampler, DistributedSampler):
+            return self.sampler.num_replicas, self.sampler.rank
+        return 1, 0
 
-    def __iter__(self):
-        batch: list[int] = []
-        for chunk in self._chunks():
-            for index in chunk:
-                batch.append(index)
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-        if batch and not self.drop_last:
-            yield batch
-        self.epoch += 1
+    def _epoch(self) -> int:
+        # Lightning calls set_epoch on `batch_sampler.sampler` (an EpochSequentialSampler, or its DistributedSampler)
+        return getattr(self.sampler, "epoch", self.epoch)
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{self._epoch()}")
+        members: dict[int, list[int]] = defaultdict(list)
+        for index, group in enumerate(self.groups):
+            members[group].append(index)
+        chunks = []
+        for group in sorted(members):
+            items = members[group]
+            if self.shuffle:
+                rng.shuffle(items)
+            chunks += [items[i : i + self.group_size] for i in range(0, len(items), self.group_size)]
+        if self.shuffle:
+            rng.shuffle(chunks)
+        batches, current = [], []
+        for chunk in chunks:
+            if len(current) + len(chunk) > self.batch_size:
+                batches.append(current)
+                current = []
+            current += chunk
+        if current and (len(current) == self.batch_size or not self.drop_last):
+            batches.append(current)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        replicas, rank = self._replicas()
+        batches = self._all_batches()
+        per_rank = len(batches) // replicas if self.drop_last or replicas == 1 else -(-len(batches) // replicas)
+        batches = (batches * 2)[: per_rank * replicas]  # DDP needs the same count everywhere: pad by wrapping
+        return iter(batches[rank::replicas])
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        replicas, _ = self._replicas()
+        n = len(self._all_batches())
+        return n // replicas if self.drop_last or replicas == 1 else -(-n // replicas)
 
 
 class CIRDataModule(L.LightningDataModule):
@@ -234,6 +271,14 @@ class CIRDataModule(L.LightningDataModule):
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **kwargs)
+
+    def grouped_loader(self, dataset: Dataset, groups: Sequence[int], group_size: int, seed: int = 0) -> DataLoader:
+        """A shuffled training loader whose batches hold ``group_size`` triplets of a group together (DDP-safe)."""
+        drop_last = len(dataset) >= self.batch_size  # a tiny dataset still gives one (smaller) batch
+        sampler = GroupedBatchSampler(
+            EpochSequentialSampler(dataset), self.batch_size, drop_last, groups, group_size, seed=seed
+        )
+        return self._loader(dataset, batch_sampler=sampler)
 
     def gallery_dataloader(self, split: str) -> DataLoader:
         """Loader over the gallery images of ``split`` (evaluation DataModules override ``gallery_dataset``)."""

@@ -9,17 +9,21 @@ the model's in-batch validation loss.
 from __future__ import annotations
 
 import json
-import random
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
-from .base import CIRDataModule, Transform, TripletDataset, check_files_exist
+from .base import (
+    CIRDataModule,
+    EpochSequentialSampler,
+    GroupedBatchSampler,
+    Transform,
+    TripletDataset,
+    check_files_exist,
+)
 
-__all__ = ["CIRHSDataModule", "DistributedGroupedBatchSampler", "EpochSequentialSampler", "read_triplets"]
+__all__ = ["CIRHSDataModule", "read_triplets"]
 
 
 def read_triplets(root: str | Path) -> list[dict[str, Any]]:
@@ -46,101 +50,6 @@ def read_triplets(root: str | Path) -> list[dict[str, Any]]:
             )
             records.append(r)
     return records
-
-
-class EpochSequentialSampler(SequentialSampler):
-    """A sequential sampler that remembers the epoch Lightning gives it, for :class:`DistributedGroupedBatchSampler`."""
-
-    epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-class DistributedGroupedBatchSampler(BatchSampler):
-    """Batches made of chunks of up to ``group_size`` same-group triplets.
-
-    Each epoch, every group's triplets are shuffled and cut into chunks of ``group_size``; the chunks are
-    shuffled and packed into batches without ever splitting one. Under DDP every rank draws the same batch list
-    and takes every ``num_replicas``-th batch, so groups stay whole on one rank. When Lightning replaces
-    ``sampler`` with a ``DistributedSampler`` (its default under DDP), the rank and world size are read from it.
-
-    Args:
-        sampler: its indices are not used; it carries the epoch (``set_epoch``) and, when Lightning made it a
-            ``DistributedSampler``, the rank.
-        batch_size: triplets per batch; a multiple of ``group_size``.
-        drop_last: drop the last incomplete batch.
-        groups: group id of each dataset index.
-        group_size: triplets of one group kept together (1 disables grouping).
-        shuffle: reshuffle every epoch (False: a fixed order, for validation).
-        seed: base seed of the shuffles.
-    """
-
-    def __init__(
-        self,
-        sampler,
-        batch_size: int,
-        drop_last: bool,
-        groups: Sequence[int],
-        group_size: int = 2,
-        shuffle: bool = True,
-        seed: int = 0,
-    ):
-        if group_size < 1 or batch_size % group_size:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of group_size ({group_size})")
-        super().__init__(sampler, batch_size, drop_last)
-        self.groups = list(groups)
-        self.group_size = group_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _replicas(self) -> tuple[int, int]:
-        if isinstance(self.sampler, DistributedSampler):
-            return self.sampler.num_replicas, self.sampler.rank
-        return 1, 0
-
-    def _epoch(self) -> int:
-        # Lightning calls set_epoch on `batch_sampler.sampler` (an EpochSequentialSampler, or its DistributedSampler)
-        return getattr(self.sampler, "epoch", self.epoch)
-
-    def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}/{self._epoch()}")
-        members: dict[int, list[int]] = defaultdict(list)
-        for index, group in enumerate(self.groups):
-            members[group].append(index)
-        chunks = []
-        for group in sorted(members):
-            items = members[group]
-            if self.shuffle:
-                rng.shuffle(items)
-            chunks += [items[i : i + self.group_size] for i in range(0, len(items), self.group_size)]
-        if self.shuffle:
-            rng.shuffle(chunks)
-        batches, current = [], []
-        for chunk in chunks:
-            if len(current) + len(chunk) > self.batch_size:
-                batches.append(current)
-                current = []
-            current += chunk
-        if current and (len(current) == self.batch_size or not self.drop_last):
-            batches.append(current)
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        replicas, rank = self._replicas()
-        batches = self._all_batches()
-        per_rank = len(batches) // replicas if self.drop_last or replicas == 1 else -(-len(batches) // replicas)
-        batches = (batches * 2)[: per_rank * replicas]  # DDP needs the same count everywhere: pad by wrapping
-        return iter(batches[rank::replicas])
-
-    def __len__(self) -> int:
-        replicas, _ = self._replicas()
-        n = len(self._all_batches())
-        return n // replicas if self.drop_last or replicas == 1 else -(-n // replicas)
 
 
 class CIRHSDataModule(CIRDataModule):
@@ -189,7 +98,7 @@ class CIRHSDataModule(CIRDataModule):
     def _grouped(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
         records = self.records[split]
         dataset = TripletDataset(records, self.transform)
-        sampler = DistributedGroupedBatchSampler(
+        sampler = GroupedBatchSampler(
             EpochSequentialSampler(dataset),
             self.batch_size,
             drop_last,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .base import CIRDataModule, GalleryDataset, GroupedBatchSampler, TripletDataset
+from .base import CIRDataModule, GalleryDataset, TripletDataset
 
 __all__ = ["ShapesDataModule", "ShapesWorld", "Scene"]
 
@@ -291,10 +291,7 @@ class ShapesDataModule(CIRDataModule):
 
     def train_dataloader(self):
         dataset = self._triplets("train")
-        sampler = GroupedBatchSampler(
-            [r["group"] for r in dataset.records], self.batch_size, self.group_size, drop_last=True, seed=self.seed
-        )
-        return self._loader(dataset, batch_sampler=sampler)
+        return self.grouped_loader(dataset, [r["group"] for r in dataset.records], self.group_size, self.seed)
 
     def val_dataloader(self):
         return self._loader(self._triplets("val"))

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .base import CIRDataModule, GalleryDataset, GroupedBatchSampler, Transform, TripletDataset, check_files_exist
+from .base import CIRDataModule, GalleryDataset, Transform, TripletDataset, check_files_exist
 
 __all__ = ["TripletsDataModule", "read_triplets_file"]
 
@@ -173,14 +173,9 @@ class TripletsDataModule(CIRDataModule):
     # -- loaders -----------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         records = self.records["train"]
-        sampler = GroupedBatchSampler(
-            [r["group"] for r in records],
-            self.batch_size,
-            self.group_size,
-            drop_last=len(records) >= self.batch_size,  # a tiny file still gives one (smaller) batch
-            seed=self.seed,
+        return self.grouped_loader(
+            TripletDataset(records, self.transform), [r["group"] for r in records], self.group_size, self.seed
         )
-        return self._loader(TripletDataset(records, self.transform), batch_sampler=sampler)
 
     def _queries(self) -> DataLoader | list:
         # queries need no target image: the evaluator finds target_id in the gallery

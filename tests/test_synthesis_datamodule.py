@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from coalign.datamodules import CIRHSDataModule
-from coalign.datamodules.cirhs import DistributedGroupedBatchSampler, EpochSequentialSampler
+from coalign.datamodules.base import EpochSequentialSampler, GroupedBatchSampler
 from coalign.synthesis._io import read_jsonl
 
 
@@ -54,7 +54,7 @@ def test_batches_hold_whole_groups(split):
 
 def test_epochs_reshuffle_and_batch_size_must_fit_groups():
     groups = [i // 2 for i in range(40)]
-    sampler = DistributedGroupedBatchSampler(EpochSequentialSampler(range(40)), 8, True, groups, group_size=2)
+    sampler = GroupedBatchSampler(EpochSequentialSampler(range(40)), 8, True, groups, group_size=2)
     first = list(sampler)
     sampler.sampler.set_epoch(1)  # what Lightning calls at each epoch
     assert list(sampler) != first and sorted(sum(first, [])) == list(range(40))
@@ -68,7 +68,7 @@ def test_lightning_ddp_injection_gives_each_rank_disjoint_whole_groups():
     per_rank = []
     for rank in range(2):
         with _replace_dunder_methods(BatchSampler):  # as Lightning does around the datamodule's loader hooks
-            sampler = DistributedGroupedBatchSampler(EpochSequentialSampler(dataset), 4, True, groups, group_size=2)
+            sampler = GroupedBatchSampler(EpochSequentialSampler(dataset), 4, True, groups, group_size=2)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
         loader = _update_dataloader(loader, DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True))
         batches = list(loader.batch_sampler)
