@@ -7,7 +7,7 @@
 
 from ._features import QueryFeatures, TargetFeatures
 from ._registry import build_component, list_components, list_models, register_component, register_model
-from .factory import create_model
+from .factory import create_model, load_model
 from .index import Index
 from .model import CoAlign
 from .transforms import ImageTransform, target_pad
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CoAlign",
     "create_model",
+    "load_model",
     "Index",
     "list_models",
     "QueryFeatures",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from ._registry import get_model_fn, list_models, register_model
@@ -11,7 +12,7 @@ from .heads.global_alignment import ContextualAlignmentHead
 from .heads.local_reasoning import TokenReasoningHead
 from .model import CoAlign
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["create_model", "list_models", "load_model"]
 
 _MODEL_ARGS = set(inspect.signature(CoAlign.__init__).parameters) - {"self", "backbone"}
 
@@ -42,6 +43,32 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> CoAli
         model.backbone.load_pretrained()
     model.card_info.setdefault("name", name)
     return model
+
+
+def load_model(source: str, random_init: bool = False) -> CoAlign:
+    """A model from a registered name, a ``save_pretrained`` folder, a Lightning ``.ckpt`` file or a Hub id.
+
+    Args:
+        source: what the command-line tools accept as ``--model``.
+        random_init: for a registered name, skip the published base weights (smoke tests; the default loads
+            them and raises ``NotImplementedError`` for a name that has none).
+
+    Raises:
+        ValueError: ``source`` is none of the four.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return CoAlign.from_pretrained(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    if source in list_models():
+        return create_model(source, pretrained=not random_init)
+    if source.count("/") == 1 and not path.exists():
+        return CoAlign.from_pretrained(source)
+    raise ValueError(
+        f"{source!r} is not a folder, a .ckpt file, a registered model ({', '.join(list_models())}) "
+        "or a Hub id (owner/name)"
+    )
 
 
 def _build(backbone_cls, backbone_defaults: dict, model_defaults: dict, overrides: dict) -> CoAlign:

@@ -46,27 +46,17 @@ def load_model(spec: str, device: str | None = None):
     """
     import torch
 
-    import coalign
+    from coalign.factory import load_model as load
 
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        model = coalign.CoAlign.from_pretrained(str(path))
-    elif path.is_file() and path.suffix == ".ckpt":
-        model = coalign.CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-    elif spec in coalign.list_models():
-        # index and search build the model separately: the same seed makes them the same model
-        with torch.random.fork_rng(devices=[]):
+    # index and search build the model separately: the same seed makes a registered name the same model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            model = load(spec)
+        except NotImplementedError:
             torch.manual_seed(0)
-            try:
-                model = coalign.create_model(spec, pretrained=True)
-            except NotImplementedError:
-                torch.manual_seed(0)
-                model = coalign.create_model(spec)
-                warnings.warn(f"{spec} has no published weights: using a seeded random initialisation", stacklevel=2)
-    elif spec.count("/") == 1 and not path.exists():
-        model = coalign.CoAlign.from_pretrained(spec)
-    else:
-        raise ValueError(f"--model {spec!r} is not a folder, a .ckpt file, a registered model or a Hub id (owner/name)")
+            model = load(spec, random_init=True)
+            warnings.warn(f"{spec} has no published weights: using a seeded random initialisation", stacklevel=2)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 

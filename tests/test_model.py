@@ -229,3 +229,25 @@ def test_combiner_by_hand():
     lam = comb.dynamic_scalar(c)
     expected = comb.output(torch.relu(comb.combiner(c))) + lam * t + (1 - lam) * i
     assert torch.allclose(comb(i, t), expected)
+
+
+def test_load_model_accepts_names_folders_and_checkpoints(tmp_path):
+    import lightning as L
+
+    from coalign import load_model
+
+    model = create_model("coalign_tiny", embed_dim=32, channels=8).eval()
+    model.save_pretrained(tmp_path / "folder")
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    images, texts = torch.randn(2, 3, 32, 32), ["add a red circle", "remove it"]
+    expected = model.encode_queries(images, texts).embedding
+    for source in (tmp_path / "folder", tmp_path / "m.ckpt"):
+        loaded = load_model(str(source)).eval()
+        assert torch.allclose(loaded.encode_queries(images, texts).embedding, expected)
+    assert isinstance(load_model("coalign_tiny", random_init=True), CoAlign)
+    with pytest.raises(NotImplementedError):
+        load_model("coalign_tiny")
+    with pytest.raises(ValueError, match="not a folder"):
+        load_model(str(tmp_path / "missing" / "deep" / "path"))

@@ -109,24 +109,12 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 def load_model(spec: str, random_init: bool = False):
     """A model from a registered name, a ``save_pretrained`` folder, a Lightning ``.ckpt`` or a Hub id."""
-    import coalign
+    from coalign.factory import load_model as load
 
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return coalign.CoAlign.from_pretrained(str(path))
-    if path.is_file() and path.suffix == ".ckpt":
-        return coalign.CoAlign.load_from_checkpoint(str(path), map_location="cpu")
-    if spec in coalign.list_models():
-        try:
-            return coalign.create_model(spec, pretrained=not random_init)
-        except NotImplementedError as err:
-            raise ValueError(f"{spec} has no published weights ({err}); --random-init builds it untrained") from None
-    if spec.count("/") == 1 and not path.exists():
-        return coalign.CoAlign.from_pretrained(spec)
-    raise ValueError(
-        f"--model {spec!r} is not a folder, a .ckpt file, a registered model ({', '.join(coalign.list_models())}) "
-        "or a Hub id (owner/name)"
-    )
+    try:
+        return load(spec, random_init=random_init)
+    except NotImplementedError as err:
+        raise ValueError(f"{spec} has no published weights ({err}); --random-init builds it untrained") from None
 
 
 def _datamodule(args: argparse.Namespace, transform):
