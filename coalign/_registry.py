@@ -23,7 +23,6 @@ __all__ = [
     "Component",
     "register_component",
     "build_component",
-    "component_spec",
     "list_components",
     "register_model",
     "list_models",
@@ -177,10 +176,6 @@ class Component(nn.Module):
             "class_path": _public_class_path(cls),
             "init_args": {k: _to_json(v, cls.__name__ + "." + k) for k, v in args.items()},
         }
-
-
-def component_spec(obj: Component | None) -> dict[str, Any] | None:
-    return None if obj is None else obj.spec()
 
 
 def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -161,8 +161,9 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
 
     @torch.no_grad()
     def rerank(self, queries: QueryFeatures, gallery: TargetFeatures, index: Tensor, scores: Tensor):
-        """Re-score each query's global top-K ``index [Nq, K]`` with the local head; returns the re-sorted
-        ``(index, scores)``. ``gallery`` may live on the CPU; only the K candidates per query are moved."""
+        """Re-score the first ``rerank_top_k`` of each query's global ranking ``index [Nq, K]`` with the local head
+        (``s + rerank_weight * r``); returns the re-sorted ``(index, scores)``, candidates past ``rerank_top_k``
+        unchanged behind them. ``gallery`` may live on the CPU; only the candidates' tokens are moved."""
         if self.local_head is None:
             return index, scores
         k = min(self.rerank_top_k, index.shape[1])
@@ -172,7 +173,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         combined = head_scores + self.rerank_weight * local
         order = combined.argsort(dim=1, descending=True)
         new_index = torch.cat([head_index.gather(1, order), index[:, k:]], dim=1)
-        new_scores = torch.cat([combined.gather(1, order), scores[:, k:] + self.rerank_weight * local.min()], dim=1)
+        new_scores = torch.cat([combined.gather(1, order), scores[:, k:]], dim=1)  # the tail keeps its global order
         return new_index, new_scores
 
     # -- training --------------------------------------------------------------------------------------------
