@@ -26,7 +26,8 @@ class RetrievalReport(L.Callback):
 
     Prints a metrics table, writes ``metrics.json`` (percentages) and ``retrieval_examples.png`` (a few queries:
     reference image and text, their top results, the true target framed in green) into ``output_dir``
-    (default: the trainer's ``default_root_dir``).
+    (default: the trainer's ``default_root_dir``). On FashionIQ, CIRR and CIRCO it also writes the rankings in
+    the official upload formats, so ``coalign test`` on CIRR test1 or CIRCO test yields the files to submit.
 
     Args:
         output_dir: where to write; None uses ``trainer.default_root_dir``.
@@ -54,11 +55,17 @@ class RetrievalReport(L.Callback):
         out = Path(self.output_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         metrics = {k: round(float(v), 4) for k, v in result["metrics"].items()}
+        dm = trainer.datamodule
+        if hasattr(dm, "ranking_files"):  # benchmarks: the rankings in the official upload formats
+            for name, payload in dm.ranking_files(result["split"], result["evaluator"]).items():
+                (out / name).write_text(json.dumps(payload))
+                print(f"wrote {out / name}")
+        if not metrics:  # a split without labels (CIRR test1, CIRCO test): upload files only
+            return
         print("\n" + format_table(metrics, f"{prefix} retrieval ({result['split']} split), in %"))
         payload = {**metrics, "split": result["split"], "stage": prefix}
         (out / "metrics.json").write_text(json.dumps(payload, indent=2))
         pl_module.card_info.setdefault("metrics", {}).update(metrics)
-        dm = trainer.datamodule
         if dm is not None and hasattr(dm, "gallery_dataset") and result["examples"]:
             self._picture(dm, pl_module, result, out / "retrieval_examples.png")
 

@@ -257,7 +257,12 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             return
         metrics = self._eval["evaluator"].compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False)
-        self.last_eval = {"split": self._eval["split"], "metrics": metrics, "examples": self._eval["examples"]}
+        self.last_eval = {
+            "split": self._eval["split"],
+            "metrics": metrics,
+            "examples": self._eval["examples"],
+            "evaluator": self._eval["evaluator"],
+        }
         self._eval = None
 
     def on_validation_epoch_start(self) -> None:

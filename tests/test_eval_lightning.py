@@ -107,3 +107,17 @@ def test_two_ranks_match_one_process():
         metrics, rankings, subsets = results[rank]
         assert metrics == pytest.approx(single.compute())
         assert rankings == single.rankings() and subsets == single.subset_rankings()
+
+
+def test_coalign_test_writes_the_upload_files(cirr_root, tmp_path):
+    from coalign.callbacks import RetrievalReport
+    from coalign.evaluation.commands import check_submission_command
+
+    model = coalign.create_model("coalign_tiny")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RetrievalReport(output_dir=str(tmp_path))])  # fmt: skip
+    trainer.test(model, datamodule=CIRRDataModule(cirr_root, batch_size=4))  # test1: no labels
+    assert not (tmp_path / "metrics.json").exists()
+    for name in ("cirr_test1_recall.json", "cirr_test1_recall_subset.json"):
+        argv = [str(tmp_path / name), "--benchmark", "cirr", "--root", str(cirr_root), "--split", "test1"]
+        assert check_submission_command(argv) == 0
