@@ -30,15 +30,6 @@ CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CPUs are shared, and oversubscribed threads make these tiny runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cli(args: list[str]) -> tuple[int, str]:
     """Run the coalign command in-process; LightningCLI ends --print_config with SystemExit(0)."""
     out = io.StringIO()

@@ -18,15 +18,6 @@ from coalign.index import exact_search, list_images
 TEXT = "make the square red"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CPUs are shared, and oversubscribed threads make these tiny models several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(seed: int = 0) -> CoAlign:
     torch.manual_seed(seed)
     return create_model("coalign_tiny", channels=8, embed_dim=32, text_layers=1).eval()

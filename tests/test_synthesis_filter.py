@@ -15,15 +15,6 @@ from coalign.synthesis.config import ClipFilterConfig, ImageCheckConfig, JudgeCo
 from coalign.synthesis.filter import load_scores
 from coalign.synthesis.judge import MLLMJudgeFilter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 E = torch.eye(4)  # e0, e1: what the captions say; e2: an unrelated element; e3: what both halves share
 CLIP = CLIPScoreFilter(ClipFilterConfig(model=ModelSpec(tiny=True), min_pair_similarity=0.4))
 

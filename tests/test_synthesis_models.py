@@ -7,15 +7,6 @@ import torch
 
 from coalign.synthesis import ModelSpec, _tiny, models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CPU = torch.device("cpu")
 
 

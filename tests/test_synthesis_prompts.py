@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from _tiny_synthesis import tiny_config
 
 from coalign.synthesis import QuadrupleError, RunContext, parse_quadruple
@@ -24,14 +23,6 @@ GOOD = {
     "forward": "make the bicycle blue",
     "backward": "make the bicycle red",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared: two threads fight and crawl
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from _tiny_synthesis import tiny_config
 from PIL import Image
 
@@ -12,14 +11,6 @@ from coalign.synthesis import RunContext, split_composite
 from coalign.synthesis._io import item_path, read_json, write_jsonl
 from coalign.synthesis._runner import run_stage
 from coalign.synthesis.render import RenderStage, diptych_prompt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _composite(width: int, height: int, divider: int = 0) -> Image.Image:

@@ -23,15 +23,6 @@ from coalign.transforms import ImageTransform
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CPUs are shared, and oversubscribed threads make these tiny runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(root, n):
     rng = random.Random(n)
     (root / "img").mkdir(parents=True, exist_ok=True)
