@@ -35,18 +35,6 @@ class QueryFeatures:
         mask = None if self.token_mask is None else self.token_mask[index]
         return QueryFeatures(self.embedding[index], self.tokens[index], mask)
 
-    @staticmethod
-    def cat(parts: list[QueryFeatures]) -> QueryFeatures:
-        masks = [p.token_mask for p in parts]
-        mask = (
-            None
-            if all(m is None for m in masks)
-            else torch.cat(
-                [m if m is not None else torch.ones(p.tokens.shape[:2], dtype=torch.bool) for m, p in zip(masks, parts)]
-            )
-        )
-        return QueryFeatures(torch.cat([p.embedding for p in parts]), torch.cat([p.tokens for p in parts]), mask)
-
 
 @dataclass
 class TargetFeatures:

@@ -287,9 +287,6 @@ class CIRDataModule(L.LightningDataModule):
     def gallery_dataset(self, split: str) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} has no gallery")
 
-    def query_dataset(self, split: str) -> Dataset:
-        raise NotImplementedError(f"{type(self).__name__} has no evaluation queries")
-
     # -- retrieval evaluation protocol (used by CoAlign's validation/test steps and `coalign evaluate`) --------
     #: True for DataModules whose val/test loaders yield *queries* ranked against a gallery. Such a module
     #: implements ``evaluation_split``, ``gallery_dataloader`` and ``build_evaluator``.

@@ -5,12 +5,13 @@ from __future__ import annotations
 import abc
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
 from .._registry import Component
 
-__all__ = ["GlobalHead", "LocalHead", "max_over_embeddings", "soft_positive_targets"]
+__all__ = ["GlobalHead", "LocalHead", "max_over_embeddings", "soft_positive_targets", "soft_cross_entropy"]
 
 
 def max_over_embeddings(query: Tensor, target: Tensor) -> Tensor:
@@ -57,6 +58,17 @@ def soft_positive_targets(
     has_peers = count > 0
     soft = torch.where(has_peers, beta * peers / count.clamp(min=1), torch.zeros_like(peers))
     return soft + positives * torch.where(has_peers, 1.0 - beta, 1.0)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, negative_logits: Tensor | None = None) -> Tensor:
+    """``-1/B sum_i sum_j Y_ij log softmax_j(logits_ij)`` for soft targets ``Y [B, B]``.
+
+    ``negative_logits [B, M]`` (scores against extra hard-negative images) are appended as columns with ``Y = 0``.
+    """
+    if negative_logits is not None:
+        logits = torch.cat([logits, negative_logits], dim=1)
+        targets = F.pad(targets, (0, negative_logits.shape[1]))
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 class GlobalHead(Component, abc.ABC):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
 from .._registry import register_component
-from .base import GlobalHead, soft_positive_targets
+from .base import GlobalHead, soft_cross_entropy, soft_positive_targets
 
 __all__ = ["ContextualAlignmentHead"]
 
@@ -72,12 +71,9 @@ class ContextualAlignmentHead(GlobalHead):
             raise ValueError(f"got {len(query)} queries but {len(target)} targets")
         logits = self.logits(query, target)
         y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
+        # extra hard-negative columns: a negative for every query
+        negative_logits = None if negatives is None else self.logits(query, negatives)
+        loss = soft_cross_entropy(logits, y, negative_logits)
         if self.symmetric:
-            reverse = -(y.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-        if negatives is not None:  # extra hard-negative columns, a negative for every query
-            logits = torch.cat([logits, self.logits(query, negatives)], dim=1)
-            y = F.pad(y, (0, len(negatives)))
-        loss = -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-        if self.symmetric:
-            loss = 0.5 * (loss + reverse)
+            loss = 0.5 * (loss + soft_cross_entropy(logits.T, y.T))
         return loss

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
 from .._registry import register_component
-from .base import LocalHead, soft_positive_targets
+from .base import LocalHead, soft_cross_entropy, soft_positive_targets
 
 __all__ = ["TokenReasoningHead"]
 
@@ -112,10 +112,8 @@ class TokenReasoningHead(LocalHead):
             # never hide every token of a query: keep its first valid token
             first = F.one_hot(mask.float().argmax(dim=1), mask.shape[1]).bool()
             mask = mask & (keep | first)
-        logits = self.score(query, target, mask)
+        temperature = self.log_temperature.exp().clamp(0.001, 1.0)
+        logits = self.score(query, target, mask) / temperature
         y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
-        if negatives is not None:
-            logits = torch.cat([logits, self.score(query, negatives, mask)], dim=1)
-            y = F.pad(y, (0, len(negatives)))
-        logits = logits / self.log_temperature.exp().clamp(0.001, 1.0)
-        return -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        negative_logits = None if negatives is None else self.score(query, negatives, mask) / temperature
+        return soft_cross_entropy(logits, y, negative_logits)
