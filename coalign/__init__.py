@@ -6,7 +6,7 @@
 """
 
 from ._features import QueryFeatures, TargetFeatures
-from ._registry import build_component, list_components, list_models, register_component, register_model
+from .registry import build_component, list_components, list_models, register_component, register_model
 from .factory import create_model, load_model
 from .index import Index
 from .model import CoAlign

@@ -151,7 +151,7 @@ class HubMixinOverrides:
 
         The architectures must agree; every mismatched or missing weight is listed in the error.
         """
-        from ._registry import list_models
+        from .registry import list_models
         from .factory import create_model
 
         if source in list_models():

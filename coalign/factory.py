@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from ._registry import get_model_fn, list_models, register_model
+from .registry import get_model_fn, list_models, register_model
 from .backbones.tiny import TinyBackbone
 from .heads.global_alignment import ContextualAlignmentHead
 from .heads.local_reasoning import TokenReasoningHead

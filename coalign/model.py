@@ -15,7 +15,7 @@ from torch import Tensor
 from ._features import QueryFeatures, TargetFeatures
 from ._hub import HubMixinOverrides
 from ._optim import build_optimizer_callable, optimizer_spec
-from ._registry import build_component
+from .registry import build_component
 from .backbones.base import Backbone
 from .heads.base import GlobalHead, LocalHead
 from .transforms import ImageTransform

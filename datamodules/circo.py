@@ -18,7 +18,7 @@ from typing import Any
 from coalign.evaluation.metrics import CIRCOEvaluator
 from coalign.evaluation.submission import circo_ranking_files
 
-from ._benchmark import BenchmarkDataModule, SplitData, read_json, require
+from .benchmark import BenchmarkDataModule, SplitData, read_json, require
 
 __all__ = ["CIRCODataModule"]
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from coalign.evaluation.metrics import CIRREvaluator
 from coalign.evaluation.submission import cirr_ranking_files
 
-from ._benchmark import BenchmarkDataModule, SplitData, read_json, require
+from .benchmark import BenchmarkDataModule, SplitData, read_json, require
 
 __all__ = ["CIRRDataModule"]
 

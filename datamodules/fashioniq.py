@@ -20,7 +20,7 @@ from typing import Any, Literal
 from coalign.evaluation.metrics import FashionIQEvaluator
 from coalign.evaluation.submission import fashioniq_ranking_files
 
-from ._benchmark import BenchmarkDataModule, SplitData, read_json, require
+from .benchmark import BenchmarkDataModule, SplitData, read_json, require
 
 __all__ = ["FashionIQDataModule", "join_captions", "CATEGORIES", "CAPTION_JOINS"]
 

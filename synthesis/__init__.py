@@ -10,7 +10,7 @@ The on-disk format and every design choice the paper leaves open are documented 
 Nothing here imports diffusers until the render stage loads a pipeline.
 """
 
-from ._runner import RunContext, launch
+from .runner import RunContext, launch
 from .assemble import DATASET_FILES, push_to_hub
 from .cli import load_config, synthesize_command
 from .config import (

@@ -73,7 +73,7 @@ def synthesize_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = _config_from(parser, args)
 
-    from ._runner import launch
+    from .runner import launch
     from .pipeline import STAGES, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

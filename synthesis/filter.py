@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ._io import atomic_write_json, existing_items, item_path, list_failures, read_json
-from ._runner import RunContext, Stage
+from .runner import RunContext, Stage
 from .config import FilterConfig, ImageCheckConfig, SynthesisConfig
 from .prompts import load_quadruples
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._io import atomic_write_json, list_failures
-from ._runner import RunContext, StageSummary, check_settings, run_stage
+from .runner import RunContext, StageSummary, check_settings, run_stage
 from .config import SynthesisConfig, fingerprint
 
 __all__ = ["STAGES", "run"]
@@ -45,7 +45,7 @@ def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES
 
     Args:
         config: the synthesis configuration.
-        ctx: this process's place in the run (see :func:`._runner.launch`).
+        ctx: this process's place in the run (see :func:`.runner.launch`).
         stages: a subset of :data:`STAGES`.
         filters: a custom list of :class:`.filter.PairFilter` (default: built from ``config.filter``).
 

@@ -31,7 +31,7 @@ from ._io import (
     read_jsonl,
     write_jsonl,
 )
-from ._runner import RunContext, Stage
+from .runner import RunContext, Stage
 from .config import SynthesisConfig
 from .llm import QUADRUPLE_KEYS, ChatLLM, JsonConstraint, json_pieces
 from .quadruples import QuadrupleError, conversation, draw, near_duplicates, parse_quadruple

@@ -15,7 +15,7 @@ stays square.
 
 Seeds derive from the global seed and the item id, with one CPU ``torch.Generator`` per prompt, so an item's
 initial noise does not depend on its batch (its pixels then differ across batch compositions by floating-point
-noise only, and not at all on a resumed run, see :mod:`._runner`).
+noise only, and not at all on a resumed run, see :mod:`.runner`).
 
 Artifacts under ``OUT/render/``: ``images/<shard>/<id>_ref.png`` and ``<id>_tgt.png`` (plus ``<id>_composite.png``
 with ``keep_composite``), then ``items/<shard>/<id>.json``, written last, which marks the item complete.
@@ -32,7 +32,7 @@ from PIL import Image
 
 from . import models
 from ._io import atomic_save_image, atomic_write_json, derive_seed, existing_items, item_id, item_path, read_json
-from ._runner import RunContext, Stage
+from .runner import RunContext, Stage
 from .config import SynthesisConfig
 from .prompts import load_quadruples
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 import coalign
 from coalign import CoAlign, create_model
-from coalign._registry import Component, list_components
+from coalign.registry import Component, list_components
 from coalign.backbones import Backbone, TinyBackbone
 from coalign.heads import ContextualAlignmentHead, GlobalHead, LocalHead, TokenReasoningHead
 from tests._tiny_hf import tiny_blip2_backbone, tiny_clip_backbone

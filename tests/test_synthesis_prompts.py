@@ -10,7 +10,7 @@ from _tiny_synthesis import tiny_config
 
 from coalign.synthesis import QuadrupleError, RunContext, parse_quadruple
 from coalign.synthesis._io import derive_seed, item_path, list_failures, read_json
-from coalign.synthesis._runner import run_stage
+from coalign.synthesis.runner import run_stage
 from coalign.synthesis.config import PromptsConfig, Taxonomy
 from coalign.synthesis.llm import ChatLLM
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts

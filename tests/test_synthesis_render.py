@@ -9,7 +9,7 @@ from PIL import Image
 
 from coalign.synthesis import RunContext, split_composite
 from coalign.synthesis._io import item_path, read_json, write_jsonl
-from coalign.synthesis._runner import run_stage
+from coalign.synthesis.runner import run_stage
 from coalign.synthesis.render import RenderStage, diptych_prompt
 
 

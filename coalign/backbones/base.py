@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
-from .._registry import Component
+from ..registry import Component
 
 __all__ = ["Backbone", "ImageConfig"]
 

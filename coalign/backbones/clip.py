@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
-from .._registry import register_component
+from ..registry import register_component
 from ._hf import (
     CLIP_MEAN,
     CLIP_STD,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._registry import Component, register_component
+from ..registry import Component, register_component
 
 __all__ = ["Composer", "Combiner", "ImageOnlyComposer", "TextOnlyComposer", "SumComposer"]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
-from .._registry import Component
+from ..registry import Component
 
 __all__ = ["GlobalHead", "LocalHead", "max_over_embeddings", "soft_positive_targets", "soft_cross_entropy"]
 

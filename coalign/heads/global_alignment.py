@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
-from .._registry import register_component
+from ..registry import register_component
 from .base import GlobalHead, soft_cross_entropy, soft_positive_targets
 
 __all__ = ["ContextualAlignmentHead"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
-from .._registry import register_component
+from ..registry import register_component
 from .base import LocalHead, soft_cross_entropy, soft_positive_targets
 
 __all__ = ["TokenReasoningHead"]

@@ -1,4 +1,4 @@
-"""Evaluation benchmarks (results in BENCHMARKS.md, section "Evaluation").
+"""Evaluation benchmarks (results in PERFORMANCE.md, section "Evaluation").
 
 (a) Overhead of a whole evaluation. A synthetic CIRR-val-sized benchmark (2,297 gallery images, 4,181
     queries, small PNGs in the official CIRR layout) is evaluated with ``coalign_clip_vitb32`` (random weights)
@@ -14,7 +14,7 @@
 
 Usage::
 
-    python benchmarks/evaluate.py [--image-size 224] [--max-length 77] [--b-queries 4181] [--skip-a] [--skip-b]
+    python perf/evaluate.py [--image-size 224] [--max-length 77] [--b-queries 4181] [--skip-a] [--skip-b]
 """
 
 from __future__ import annotations

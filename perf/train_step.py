@@ -1,4 +1,4 @@
-"""Training-step throughput of CoAlign under Lightning vs. a plain PyTorch loop (BENCHMARKS.md, "Training step").
+"""Training-step throughput of CoAlign under Lightning vs. a plain PyTorch loop (PERFORMANCE.md, "Training step").
 
 Both sides train the same modules of ``coalign_clip_vitb32`` (CLIP ViT-B/32 towers + Combiner + GCA head + token
 reasoning head, random weights) on the same in-memory batches: tokenise, encode queries and targets, the GCA loss
@@ -15,8 +15,8 @@ the process's CPU time (``time.process_time``), which other users of a shared ma
 
 Usage::
 
-    python benchmarks/train_step.py --threads 1 --steps 8 --warmup 1  # CPU, fp32, batch 8, 224 px
-    python benchmarks/train_step.py --device cuda --precision bf16 --steps 50
+    python perf/train_step.py --threads 1 --steps 8 --warmup 1  # CPU, fp32, batch 8, 224 px
+    python perf/train_step.py --device cuda --precision bf16 --steps 50
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Synthesis throughput: each stage through the pipeline's runner against the same models in a bare loop.
 
-Results in BENCHMARKS.md, section "Synthesis". With the tiny models of ``configs/synthesis/tiny.yaml`` on the
+Results in PERFORMANCE.md, section "Synthesis". With the tiny models of ``configs/synthesis/tiny.yaml`` on the
 CPU, per stage:
 
 * **orchestrated**: ``run_stage`` on a fresh folder (rank/shard bookkeeping, skip checks, reading the previous
@@ -14,7 +14,7 @@ exercise sharding in tests, and batches never cross a shard.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/synthesis.py [--items 48] [--repeats 3]
+    OMP_NUM_THREADS=1 python perf/synthesis.py [--items 48] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from coalign.synthesis import RunContext, load_config
 from coalign.synthesis._io import derive_seed, item_path, read_json
-from coalign.synthesis._runner import run_stage
+from coalign.synthesis.runner import run_stage
 from coalign.synthesis.assemble import assemble
 from coalign.synthesis.filter import FilterStage, PairInput, build_filters
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts, load_quadruples

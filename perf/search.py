@@ -1,4 +1,4 @@
-"""Exact search: coalign's torch path (``coalign.index.exact_search``) against FAISS ``IndexFlatIP`` (BENCHMARKS.md,
+"""Exact search: coalign's torch path (``coalign.index.exact_search``) against FAISS ``IndexFlatIP`` (PERFORMANCE.md,
 "Search").
 
 Both search the same random L2-normalised float32 database for the same queries, exactly (inner product, top k).
@@ -9,8 +9,8 @@ different GEMM blockings, so the last bits of a score may differ and turn an exa
 
 Usage::
 
-    python benchmarks/search.py                       # 1,000,000 x 256, 1,000 queries, k = 10, every core
-    python benchmarks/search.py --n 100000 --repeats 1 --threads 1
+    python perf/search.py                       # 1,000,000 x 256, 1,000 queries, k = 10, every core
+    python perf/search.py --n 100000 --repeats 1 --threads 1
 """
 
 from __future__ import annotations
