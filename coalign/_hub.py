@@ -151,8 +151,8 @@ class HubMixinOverrides:
 
         The architectures must agree; every mismatched or missing weight is listed in the error.
         """
-        from .registry import list_models
         from .factory import create_model
+        from .registry import list_models
 
         if source in list_models():
             state = create_model(source, pretrained=True).state_dict()

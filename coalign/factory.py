@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .registry import get_model_fn, list_models, register_model
+import torch
+
 from .backbones.tiny import TinyBackbone
 from .heads.global_alignment import ContextualAlignmentHead
 from .heads.local_reasoning import TokenReasoningHead
 from .model import CoAlign
+from .registry import get_model_fn, list_models, register_model
 
 __all__ = ["create_model", "list_models", "load_model"]
 
@@ -45,30 +48,55 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> CoAli
     return model
 
 
-def load_model(source: str, random_init: bool = False) -> CoAlign:
+def load_model(source: str, random_init: bool | None = False, device: str | None = None) -> CoAlign:
     """A model from a registered name, a ``save_pretrained`` folder, a Lightning ``.ckpt`` file or a Hub id.
 
+    This is the one loader behind every ``--model`` option (``coalign evaluate``, ``index``, ``search``).
+
     Args:
-        source: what the command-line tools accept as ``--model``.
-        random_init: for a registered name, skip the published base weights (smoke tests; the default loads
-            them and raises ``NotImplementedError`` for a name that has none).
+        source: a registered name (:func:`list_models`), a folder, a ``.ckpt`` file or a Hub id (``owner/name``).
+        random_init: for a registered name only. False: load its published base weights (a name with none is
+            an error); True: no base weights; None: the published weights when the name has them, else no base
+            weights, with a warning. Without base weights the model is built under a fixed seed, so two commands
+            that load the same name (``index`` then ``search``) get the same model.
+        device: move the model there (None: leave it on the CPU).
 
     Raises:
-        ValueError: ``source`` is none of the four.
+        ValueError: ``source`` is none of the four, or a name has no published weights and ``random_init`` is False.
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        return CoAlign.from_pretrained(path)
-    if path.is_file() and path.suffix == ".ckpt":
-        return CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-    if source in list_models():
-        return create_model(source, pretrained=not random_init)
-    if source.count("/") == 1 and not path.exists():
-        return CoAlign.from_pretrained(source)
-    raise ValueError(
-        f"{source!r} is not a folder, a .ckpt file, a registered model ({', '.join(list_models())}) "
-        "or a Hub id (owner/name)"
-    )
+        model = CoAlign.from_pretrained(path)
+    elif path.is_file() and path.suffix == ".ckpt":
+        model = CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    elif source in list_models():
+        model = _named(source, random_init)
+    elif source.count("/") == 1 and not path.exists():
+        model = CoAlign.from_pretrained(source)
+    else:
+        raise ValueError(
+            f"{source!r} is not a folder, a .ckpt file, a registered model ({', '.join(list_models())}) "
+            "or a Hub id (owner/name)"
+        )
+    return model if device is None else model.to(device)
+
+
+def _named(name: str, random_init: bool | None) -> CoAlign:
+    # a fixed seed: the untrained heads (and, without base weights, the whole model) are the same in every process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if random_init:
+            return create_model(name)
+        try:
+            return create_model(name, pretrained=True)
+        except NotImplementedError as err:
+            if random_init is False:
+                raise ValueError(
+                    f"{name} has no published weights ({err}); random_init=True builds it untrained"
+                ) from None
+        torch.manual_seed(0)
+        warnings.warn(f"{name} has no published weights: using a seeded random initialisation", stacklevel=3)
+        return create_model(name)
 
 
 def _build(backbone_cls, backbone_defaults: dict, model_defaults: dict, overrides: dict) -> CoAlign:

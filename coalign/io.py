@@ -129,7 +129,11 @@ def format_table(values: Mapping[str, Any], title: str | None = None, extra: Map
         ------  ------
         R@1      93.50
     """
-    rows = [(k, f"{v:6.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)) for k, v in values.items()]
+
+    def cell(v: Any) -> str:
+        return f"{v:6.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    rows = [(k, cell(v)) for k, v in values.items()]
     rows += [(k, str(v)) for k, v in (extra or {}).items()]
     width = max([len("metric"), *(len(k) for k, _ in rows)])
     lines = [title] if title else []

@@ -15,9 +15,9 @@ from torch import Tensor
 from ._features import QueryFeatures, TargetFeatures
 from ._hub import HubMixinOverrides
 from ._optim import build_optimizer_callable, optimizer_spec
-from .registry import build_component
 from .backbones.base import Backbone
 from .heads.base import GlobalHead, LocalHead
+from .registry import build_component
 from .transforms import ImageTransform
 
 __all__ = ["CoAlign"]

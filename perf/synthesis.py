@@ -31,12 +31,12 @@ import torch
 
 from coalign.synthesis import RunContext, load_config
 from coalign.synthesis._io import derive_seed, item_path, read_json
-from coalign.synthesis.runner import run_stage
 from coalign.synthesis.assemble import assemble
 from coalign.synthesis.filter import FilterStage, PairInput, build_filters
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts, load_quadruples
 from coalign.synthesis.quadruples import conversation, draw
 from coalign.synthesis.render import RenderStage, diptych_prompt
+from coalign.synthesis.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prompts", "render", "filter")

@@ -10,7 +10,6 @@ The on-disk format and every design choice the paper leaves open are documented 
 Nothing here imports diffusers until the render stage loads a pipeline.
 """
 
-from .runner import RunContext, launch
 from .assemble import DATASET_FILES, push_to_hub
 from .cli import load_config, synthesize_command
 from .config import (
@@ -29,6 +28,7 @@ from .filter import ImageCheck, PairFilter, PairInput
 from .pipeline import STAGES, run
 from .quadruples import QuadrupleError, parse_quadruple
 from .render import split_composite
+from .runner import RunContext, launch
 
 __all__ = [
     "STAGES",

@@ -73,8 +73,8 @@ def synthesize_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = _config_from(parser, args)
 
-    from .runner import launch
     from .pipeline import STAGES, run
+    from .runner import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = launch(Path(args.output), args.accelerator, args.devices, args.num_nodes, progress=args.progress)

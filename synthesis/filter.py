@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from ._io import atomic_write_json, existing_items, item_path, list_failures, read_json
-from .runner import RunContext, Stage
 from .config import FilterConfig, ImageCheckConfig, SynthesisConfig
 from .prompts import load_quadruples
+from .runner import RunContext, Stage
 
 __all__ = ["PairInput", "PairFilter", "ImageCheck", "FilterStage", "build_filters", "decide", "filter_report"]
 

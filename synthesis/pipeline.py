@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._io import atomic_write_json, list_failures
-from .runner import RunContext, StageSummary, check_settings, run_stage
 from .config import SynthesisConfig, fingerprint
+from .runner import RunContext, StageSummary, check_settings, run_stage
 
 __all__ = ["STAGES", "run"]
 

@@ -31,10 +31,10 @@ from ._io import (
     read_jsonl,
     write_jsonl,
 )
-from .runner import RunContext, Stage
 from .config import SynthesisConfig
 from .llm import QUADRUPLE_KEYS, ChatLLM, JsonConstraint, json_pieces
 from .quadruples import QuadrupleError, conversation, draw, near_duplicates, parse_quadruple
+from .runner import RunContext, Stage
 
 __all__ = ["PromptsStage", "finalize_prompts", "load_quadruples"]
 

@@ -32,9 +32,9 @@ from PIL import Image
 
 from . import models
 from ._io import atomic_save_image, atomic_write_json, derive_seed, existing_items, item_id, item_path, read_json
-from .runner import RunContext, Stage
 from .config import SynthesisConfig
 from .prompts import load_quadruples
+from .runner import RunContext, Stage
 
 __all__ = ["RenderStage", "diptych_prompt", "split_composite", "load_renders"]
 

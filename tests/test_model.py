@@ -8,9 +8,9 @@ from PIL import Image
 
 import coalign
 from coalign import CoAlign, create_model
-from coalign.registry import Component, list_components
 from coalign.backbones import Backbone, TinyBackbone
 from coalign.heads import ContextualAlignmentHead, GlobalHead, LocalHead, TokenReasoningHead
+from coalign.registry import Component, list_components
 from tests._tiny_hf import tiny_blip2_backbone, tiny_clip_backbone
 
 TINY = {"image_size": 16, "channels": 4, "stages": 2, "embed_dim": 16, "token_dim": 8, "text_layers": 1}

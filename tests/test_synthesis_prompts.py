@@ -10,11 +10,11 @@ from _tiny_synthesis import tiny_config
 
 from coalign.synthesis import QuadrupleError, RunContext, parse_quadruple
 from coalign.synthesis._io import derive_seed, item_path, list_failures, read_json
-from coalign.synthesis.runner import run_stage
 from coalign.synthesis.config import PromptsConfig, Taxonomy
 from coalign.synthesis.llm import ChatLLM
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts
 from coalign.synthesis.quadruples import conversation, draw, near_duplicates
+from coalign.synthesis.runner import run_stage
 
 CFG = PromptsConfig(min_caption_words=3, max_caption_words=12, min_text_words=2, max_text_words=6)
 GOOD = {

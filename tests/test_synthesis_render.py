@@ -9,8 +9,8 @@ from PIL import Image
 
 from coalign.synthesis import RunContext, split_composite
 from coalign.synthesis._io import item_path, read_json, write_jsonl
-from coalign.synthesis.runner import run_stage
 from coalign.synthesis.render import RenderStage, diptych_prompt
+from coalign.synthesis.runner import run_stage
 
 
 def _composite(width: int, height: int, divider: int = 0) -> Image.Image:
