@@ -6,15 +6,15 @@
 """
 
 from ._features import QueryFeatures, TargetFeatures
+from ._version import __version__
 from .factory import create_model, load_model
 from .index import Index
 from .model import CoAlign
 from .registry import build_component, list_components, list_models, register_component, register_model
 from .transforms import ImageTransform, target_pad
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "CoAlign",
     "create_model",
     "load_model",

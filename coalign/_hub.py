@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_model, save_model
+
+from ._version import __version__
+from .registry import get_model_fn, list_models
 
 __all__ = ["HubMixinOverrides", "resolve_checkpoint_folder"]
 
@@ -45,8 +48,6 @@ def resolve_checkpoint_folder(
         return path
     if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"checkpoint folder {source} does not exist")
-    from huggingface_hub import snapshot_download
-
     return Path(
         snapshot_download(
             str(source),
@@ -84,7 +85,7 @@ class HubMixinOverrides:
         save_directory = Path(save_directory)
         config = {
             "format": FORMAT,
-            "version": _version(),
+            "version": __version__,
             "model": self.config(),
             "preprocess": self.preprocess.config(),
             "card": self.card_info,
@@ -151,11 +152,10 @@ class HubMixinOverrides:
 
         The architectures must agree; every mismatched or missing weight is listed in the error.
         """
-        from .factory import create_model
-        from .registry import list_models
-
         if source in list_models():
-            state = create_model(source, pretrained=True).state_dict()
+            source_model = get_model_fn(source)()
+            source_model.backbone.load_pretrained()
+            state = source_model.state_dict()
         else:
             state = type(self).from_pretrained(source).state_dict()
         own = self.state_dict()
@@ -219,9 +219,3 @@ class HubMixinOverrides:
             "```",
         ]
         return ModelCard("\n".join(lines) + "\n")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -1,9 +1,11 @@
-"""The machinery of :mod:`coalign.index`: listing image files, loading them safely, exact top-k, pictures."""
+"""The machinery of :mod:`coalign.index`: listing image files, loading them safely, FAISS search, pictures.
+
+The exact torch top-k is :func:`coalign.evaluation.topk.chunked_topk`, shared with evaluation.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .io import load_image
+from .viz import retrieval_grid
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "list_images",
-    "exact_search",
     "faiss_search",
     "load_faiss",
     "draw_results",
@@ -24,8 +28,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-#: bytes the fp32 score block of one chunk of :func:`exact_search` may take
-SCORE_BUDGET = 256 * 2**20
 
 
 def list_images(folder: str | Path, exclude: str | Path | None = None) -> list[str]:
@@ -45,52 +47,10 @@ def list_images(folder: str | Path, exclude: str | Path | None = None) -> list[s
     return sorted(found)
 
 
-@torch.no_grad()
-def exact_search(
-    queries: Tensor,
-    embeddings: Tensor,
-    k: int,
-    similarity: Callable[[Tensor, Tensor], Tensor] | None = None,
-    chunk_rows: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k of every query over a database, one chunk of rows at a time (bounded memory).
-
-    Args:
-        queries: ``[Q, E]`` query embeddings; the search runs on their device.
-        embeddings: ``[N, E]`` or ``[N, K, E]`` database (any device; moved chunk by chunk).
-        k: results per query (capped at N).
-        similarity: ``(queries, rows) -> [Q, rows]`` scores, e.g. ``model.similarity``; None: the inner product,
-            maximised over the K vectors of a row.
-        chunk_rows: rows per chunk; None keeps each score block under ``SCORE_BUDGET``.
-
-    Returns:
-        ``(scores [Q, k], indices [Q, k])``, best first.
-    """
-    n = embeddings.shape[0]
-    k = min(k, n)
-    vectors = 1 if embeddings.dim() == 2 else embeddings.shape[1]
-    rows = chunk_rows or max(1024, SCORE_BUDGET // (4 * max(1, len(queries)) * vectors))
-    best_scores = torch.empty((len(queries), 0), dtype=torch.float32, device=queries.device)
-    best_index = torch.empty((len(queries), 0), dtype=torch.long, device=queries.device)
-    for start in range(0, n, rows):
-        chunk = embeddings[start : start + rows].to(queries.device, queries.dtype)
-        if similarity is not None:
-            scores = similarity(queries, chunk)
-        elif chunk.dim() == 2:
-            scores = queries @ chunk.T  # plain GEMM: no pass over a size-1 K axis
-        else:
-            scores = torch.einsum("qe,nke->qnk", queries, chunk).amax(dim=-1)
-        top = scores.float().topk(min(k, scores.shape[1]), dim=1)
-        merged_scores = torch.cat([best_scores, top.values], dim=1)
-        merged_index = torch.cat([best_index, top.indices + start], dim=1)
-        keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_scores, best_index = keep.values, merged_index.gather(1, keep.indices)
-    return best_scores, best_index
-
-
 def load_faiss():
+    """The ``faiss`` module, or None when it is not installed."""
     try:
-        import faiss
+        import faiss  # an optional, heavy dependency: imported only when a search may use it
     except ImportError:
         return None
     return faiss
@@ -100,7 +60,8 @@ def faiss_search(faiss_index, embeddings: Tensor, query: Tensor, k: int, similar
     """Exact top-k images from an ``IndexFlatIP`` over all K vectors of every image, re-scored by ``similarity``.
 
     The k best images (by their best vector) own at most k * K of the best vectors, so searching that many
-    vectors finds all of them; ``similarity`` then gives the same scores as :func:`exact_search`.
+    vectors finds all of them; ``similarity`` then gives the same scores as
+    :func:`coalign.evaluation.topk.chunked_topk`.
     """
     n, vectors, _ = embeddings.shape
     _, hits = faiss_index.search(query.float().cpu().contiguous().numpy(), min(k * vectors, n * vectors))
@@ -121,8 +82,6 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from .datamodules.base import load_image
-
         path = self.paths[i]
         try:
             return {"path": path, "image": self.transform(load_image(self.root / path))}
@@ -143,8 +102,6 @@ def draw_results(
     image: str | Path | Image.Image, text: str, results: list[tuple[str, float]], path: str | Path | None = None
 ) -> Image.Image:
     """Draw the query (reference image and text) and its ranked results with their scores; save it to ``path``."""
-    from .datamodules.base import load_image
-    from .viz import retrieval_grid
 
     def picture(src) -> Image.Image:
         try:

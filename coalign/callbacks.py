@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from .evaluation.engine import EvaluationOutcome
+from .io import atomic_write_json, format_table
 from .viz import denormalize, retrieval_grid
 
-__all__ = ["RetrievalReport", "ExportPretrained", "format_table"]
-
-
-def format_table(metrics: dict[str, float], title: str = "metrics") -> str:
-    """A plain-text table of metric names and values."""
-    width = max(len(k) for k in metrics) if metrics else 6
-    lines = [title, "-" * (width + 12)]
-    lines += [f"{k:<{width}}  {v:>8.2f}" for k, v in metrics.items()]
-    return "\n".join(lines)
+__all__ = ["RetrievalReport", "ExportPretrained"]
 
 
 class RetrievalReport(L.Callback):
@@ -49,34 +42,29 @@ class RetrievalReport(L.Callback):
 
     @rank_zero_only
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
-        result = getattr(pl_module, "last_eval", None)
-        if not result:
+        result: EvaluationOutcome | None = getattr(pl_module, "last_evaluation", None)
+        if result is None:
             return
         out = Path(self.output_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = {k: round(float(v), 4) for k, v in result["metrics"].items()}
-        dm = trainer.datamodule
-        if hasattr(dm, "ranking_files"):  # benchmarks: the rankings in the official upload formats
-            for name, payload in dm.ranking_files(result["split"], result["evaluator"]).items():
-                (out / name).write_text(json.dumps(payload))
-                print(f"wrote {out / name}")
+        for name, payload in result.upload_files.items():  # benchmarks: rankings in the official upload formats
+            atomic_write_json(out / name, payload, compact=True)
+            print(f"wrote {out / name}")
+        metrics = {k: round(float(v), 4) for k, v in result.metrics.items()}
         if not metrics:  # a split without labels (CIRR test1, CIRCO test): upload files only
             return
-        print("\n" + format_table(metrics, f"{prefix} retrieval ({result['split']} split), in %"))
-        payload = {**metrics, "split": result["split"], "stage": prefix}
-        (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+        print("\n" + format_table(metrics, f"{prefix} retrieval ({result.split} split), in %"))
+        atomic_write_json(out / "metrics.json", {**metrics, "split": result.split, "stage": prefix}, indent=2)
         pl_module.card_info.setdefault("metrics", {}).update(metrics)
-        if dm is not None and hasattr(dm, "gallery_dataset") and result["examples"]:
-            self._picture(dm, pl_module, result, out / "retrieval_examples.png")
+        if result.examples and hasattr(result.gallery_images, "entries"):
+            self._picture(result, pl_module, out / "retrieval_examples.png")
 
-    def _picture(self, dm, pl_module, result: dict, path: Path) -> None:
-        gallery = dm.gallery_dataset(result["split"])
-        if not hasattr(gallery, "entries"):  # only GalleryDataset knows its ids without loading every image
-            return
+    def _picture(self, result: EvaluationOutcome, pl_module, path: Path) -> None:
+        gallery = result.gallery_images  # a GalleryDataset: knows its ids without loading every image
         position = {str(image_id): i for i, (image_id, _) in enumerate(gallery.entries)}
         mean, std = pl_module.preprocess.mean, pl_module.preprocess.std
         rows = []
-        for ex in result["examples"][: self.num_examples]:
+        for ex in result.examples[: self.num_examples]:
             ids = ex["ranked_ids"][: self.top_k]
             results = [denormalize(gallery[position[i]]["image"], mean, std) for i in ids if i in position]
             rows.append(

@@ -2,7 +2,9 @@
 
 ``coalign fit|validate|test|predict`` are LightningCLI subcommands over :class:`CoAlign` and any coalign
 DataModule (short class names work: ``--data ShapesDataModule``). ``coalign evaluate``, ``check-submission``,
-``synthesize``, ``index`` and ``search`` sit beside them and have their own ``--help``.
+``synthesize``, ``index`` and ``search`` sit beside them: typed functions in :mod:`coalign.commands` and
+:mod:`coalign.synthesis.cli`, parsed by jsonargparse like LightningCLI (same flag style, ``--config`` on every
+subcommand, see :mod:`coalign.command`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
 
+from .commands.evaluate import check_submission_command, evaluate_command
+from .commands.search import index_command, search_command
+from .datamodules import CIRDataModule
 from .model import CoAlign
+from .synthesis.cli import synthesize_command
 
 __all__ = ["CoAlignCLI", "main"]
 
 
 class CoAlignCLI(LightningCLI):
-    """LightningCLI with ``--test_after_fit``: evaluate the held-out split right after training."""
+    """LightningCLI that connects the DataModule to the model's image transform, with ``--test_after_fit``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -29,15 +35,17 @@ class CoAlignCLI(LightningCLI):
             "a picture of results when a RetrievalReport callback is configured).",
         )
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # the one hand-over from model to data (see CIRDataModule.connect)
+        self.datamodule.connect(self.model.preprocess)
+
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None, verbose=False)
 
 
 def _lightning(args: list[str] | None) -> int:
-    import coalign.datamodules  # noqa: F401  (registers the DataModules for short class names)
-    from coalign.datamodules import CIRDataModule
-
     CoAlignCLI(
         CoAlign,
         CIRDataModule,
@@ -48,34 +56,20 @@ def _lightning(args: list[str] | None) -> int:
     return 0
 
 
-def _tools() -> dict[str, tuple[str, Callable[[list[str]], int]]]:
-    def lazy(module: str, name: str) -> Callable[[list[str]], int]:
-        def run(argv: list[str]) -> int:
-            import importlib
-
-            return getattr(importlib.import_module(module), name)(argv)
-
-        return run
-
-    return {
-        "evaluate": (
-            "evaluate a model on FashionIQ, CIRR or CIRCO",
-            lazy("coalign.evaluation.commands", "evaluate_command"),
-        ),
-        "check-submission": (
-            "check a test-server file",
-            lazy("coalign.evaluation.commands", "check_submission_command"),
-        ),
-        "synthesize": ("run the CIRHS synthesis pipeline", lazy("coalign.synthesis.cli", "synthesize_command")),
-        "index": ("encode a folder of images for search", lazy("coalign.search_cli", "index_command")),
-        "search": ("search an index by image + text", lazy("coalign.search_cli", "search_command")),
-    }
+#: the tool subcommands beside LightningCLI's: name -> (one-line help, entry taking argv, returning the exit code)
+TOOLS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "evaluate": ("evaluate a model on FashionIQ, CIRR or CIRCO", evaluate_command),
+    "check-submission": ("check a test-server file", check_submission_command),
+    "synthesize": ("run the CIRHS synthesis pipeline", synthesize_command),
+    "index": ("encode a folder of images for search", index_command),
+    "search": ("search an index by image + text", search_command),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    tools = _tools()
+    tools = TOOLS
     if argv and argv[0] in tools:
         return int(tools[argv[0]][1](argv[1:]) or 0)
     if not argv or argv[0] in ("-h", "--help"):

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .backbones.blip2 import Blip2Backbone
+from .backbones.clip import CLIPBackbone
 from .backbones.tiny import TinyBackbone
 from .heads.global_alignment import ContextualAlignmentHead
 from .heads.local_reasoning import TokenReasoningHead
@@ -110,18 +112,17 @@ def coalign_tiny(**overrides: Any) -> CoAlign:
     """A tiny CNN + transformer model trained from scratch (no download): tests, laptops, the quickstart."""
     defaults = {
         "global_head": ContextualAlignmentHead(beta=0.1),
-        "local_head": TokenReasoningHead(token_dim=64, top_k=4),
+        "local_head": TokenReasoningHead(top_k=4),
         "local_loss_weight": 0.1,
     }
     return _build(TinyBackbone, {}, defaults, overrides)
 
 
-def _clip(model_name: str, projection_dim: int, overrides: dict) -> CoAlign:
-    from .backbones.clip import CLIPBackbone
+def _clip(model_name: str, overrides: dict) -> CoAlign:
 
     defaults = {
         "global_head": ContextualAlignmentHead(beta=0.1),
-        "local_head": TokenReasoningHead(token_dim=projection_dim, top_k=8),
+        "local_head": TokenReasoningHead(top_k=8),
         "target_pad_ratio": 1.25,
     }
     return _build(CLIPBackbone, {"model_name": model_name}, defaults, overrides)
@@ -130,23 +131,22 @@ def _clip(model_name: str, projection_dim: int, overrides: dict) -> CoAlign:
 @register_model
 def coalign_clip_vitb32(**overrides: Any) -> CoAlign:
     """CLIP ViT-B/32 towers composed by CLIP4Cir's Combiner (weights: openai/clip-vit-base-patch32)."""
-    return _clip("openai/clip-vit-base-patch32", 512, overrides)
+    return _clip("openai/clip-vit-base-patch32", overrides)
 
 
 @register_model
 def coalign_clip_vitl14(**overrides: Any) -> CoAlign:
     """CLIP ViT-L/14 towers composed by CLIP4Cir's Combiner (weights: openai/clip-vit-large-patch14)."""
-    return _clip("openai/clip-vit-large-patch14", 768, overrides)
+    return _clip("openai/clip-vit-large-patch14", overrides)
 
 
 @register_model
 def coalign_blip2_vitg(**overrides: Any) -> CoAlign:
     """The paper's configuration: BLIP-2 EVA ViT-g (frozen) + Q-Former (weights: Salesforce/blip2-itm-vit-g)."""
-    from .backbones.blip2 import Blip2Backbone
 
     defaults = {
         "global_head": ContextualAlignmentHead(beta=0.1),
-        "local_head": TokenReasoningHead(token_dim=256, top_k=8),
+        "local_head": TokenReasoningHead(top_k=8),
         "target_pad_ratio": 1.25,
     }
     return _build(

@@ -7,21 +7,20 @@ An index folder holds::
     paths.json                  the indexed images, relative to the folder, in row order
     shards/00000.safetensors    ``embedding [n, K, E]`` of n images; the shard's metadata names its images
 
-Building is resumable. Each shard is written to a temporary file and renamed, so a killed run leaves only whole
-shards; running the same build again encodes just the images no shard covers (and any image added to the folder
-since). ``index.json`` is marked complete only at the end, and :meth:`Index.load` refuses an unfinished index.
-Images deleted from the folder stay in the index until it is rebuilt (``overwrite=True``).
+Building is resumable. Each shard is written atomically (:func:`coalign.io.atomic_path`), so a killed run
+leaves only whole shards; running the same build again encodes just the images no shard covers (and any image
+added to the folder since). ``index.json`` is marked complete only at the end, and :meth:`Index.load` refuses an
+unfinished index. Images deleted from the folder stay in the index until it is rebuilt (``overwrite=True``).
 
 Search is exact. With FAISS installed (``pip install coalign[faiss]``) an ``IndexFlatIP`` over all K vectors of
-every image finds the candidates, which the model then re-scores; otherwise a chunked torch top-k over
-``model.similarity`` does it. Both give the model's global scores (the local head's re-ranking needs local
-tokens, which an index does not store).
+every image finds the candidates, which the model then re-scores; otherwise the chunked torch top-k shared with
+evaluation (:func:`coalign.evaluation.topk.chunked_topk`) over ``model.similarity`` does it. Both give the
+model's global scores (the local head's re-ranking needs local tokens, which an index does not store).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ._search import (
-    IMAGE_EXTENSIONS,
-    ImageFiles,
-    collate_images,
-    draw_results,
-    exact_search,
-    faiss_search,
-    list_images,
-    load_faiss,
-)
+from ._search import IMAGE_EXTENSIONS, ImageFiles, collate_images, draw_results, faiss_search, list_images, load_faiss
+from .evaluation.cache import model_fingerprint
+from .evaluation.topk import chunked_topk
+from .heads.base import GlobalHead
+from .io import atomic_path, atomic_write_json, load_image, read_json
 
-__all__ = ["Index", "exact_search", "draw_results", "list_images", "model_identity", "IMAGE_EXTENSIONS"]
+__all__ = ["Index", "draw_results", "list_images", "model_identity", "IMAGE_EXTENSIONS"]
 
 FORMAT = "coalign-index"
 VERSION = 1
@@ -53,19 +47,11 @@ VERSION = 1
 
 def model_identity(model, name: str | None = None) -> dict[str, Any]:
     """What an index records about its model: a name to reload it by, a weights fingerprint and the config."""
-    from .evaluation.cache import model_fingerprint
-
     return {
         "name": name or getattr(model, "card_info", {}).get("name"),
         "fingerprint": model_fingerprint(model, model.preprocess),
         "config": model.config(),
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Index:
@@ -154,7 +140,7 @@ class Index:
         cls._prepare(out, root, identity, overwrite)
         info = {"format": FORMAT, "version": VERSION, "complete": False, "root": str(root), "model": identity}
         shards_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "index.json", json.dumps(info, indent=1))
+        atomic_write_json(out / "index.json", info)
         done = {int(p.stem): p for p in shards_dir.glob("*.safetensors") if p.stem.isdigit()}
         covered = set()
         for shard in done.values():
@@ -202,21 +188,23 @@ class Index:
         """Check that ``out`` is empty, new, or an index of the same model and folder (else refuse or wipe)."""
         manifest = out / "index.json"
         if manifest.is_file():
-            old = json.loads(manifest.read_text())
+            old = read_json(manifest, what="index.json")
             problem = None
             if old.get("model", {}).get("fingerprint") != identity["fingerprint"]:
                 problem = f"was built by another model ({old.get('model', {}).get('name')!r})"
             elif old.get("root") != str(root):
                 problem = f"was built from another folder ({old.get('root')})"
             if problem and not overwrite:
-                raise ValueError(f"the index in {out} {problem}; pass overwrite=True (--overwrite) or a new output")
+                raise ValueError(
+                    f"the index in {out} {problem}; pass overwrite=True (--overwrite true) or a new output"
+                )
             if problem or overwrite:
                 for shard in (out / "shards").glob("*.safetensors"):
                     shard.unlink()
                 (out / "paths.json").unlink(missing_ok=True)
         elif out.is_dir() and any(out.iterdir()):
             raise FileExistsError(f"{out} is not empty and holds no coalign index; choose a new or empty folder")
-        for stale in (out / "shards").glob(".*.tmp*"):  # half-written shards of a killed run
+        for stale in (out / "shards").glob(".*tmp*"):  # half-written shards of a killed run
             stale.unlink()
 
     @classmethod
@@ -243,8 +231,8 @@ class Index:
             skipped=skipped,
             shards=[p.name for p in shards],
         )
-        _atomic_write(out / "paths.json", json.dumps(paths))
-        _atomic_write(out / "index.json", json.dumps(info, indent=1))
+        atomic_write_json(out / "paths.json", paths, indent=None)
+        atomic_write_json(out / "index.json", info)
         return cls.load(out)
 
     # -- loading -----------------------------------------------------------------------------------------------
@@ -255,7 +243,7 @@ class Index:
         manifest = directory / "index.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{directory} is not a coalign index (no index.json); build one with coalign index")
-        info = json.loads(manifest.read_text())
+        info = read_json(manifest, what="index.json")
         if info.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a coalign index file")
         if not info.get("complete"):
@@ -263,7 +251,7 @@ class Index:
                 f"the index in {directory} is unfinished (its build was interrupted): run the same `coalign index` "
                 "command again to finish it"
             )
-        paths = json.loads((directory / "paths.json").read_text())
+        paths = read_json(directory / "paths.json", what="the index's paths.json")
         parts = []
         for name in info["shards"]:
             with safe_open(str(directory / "shards" / name), framework="pt") as f:
@@ -282,7 +270,7 @@ class Index:
             raise ValueError(
                 f"this index was built by another model ({built!r}, fingerprint "
                 f"{self.info['model']['fingerprint'][:12]}; yours: {identity['fingerprint'][:12]}): search with "
-                f"the model that built it, or rebuild the index with `coalign index --model ... --overwrite`"
+                f"the model that built it, or rebuild the index with `coalign index --model ... --overwrite true`"
             )
 
     @torch.no_grad()
@@ -310,8 +298,6 @@ class Index:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        from .datamodules.base import load_image
-
         self.check_model(model)
         reference = image if isinstance(image, Image.Image) else load_image(image)
         was_training = model.training
@@ -331,15 +317,13 @@ class Index:
     def _top(self, model, query: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-        from .heads.base import GlobalHead
-
         # FAISS finds candidates by inner product: valid when the head scores by the max inner product
         max_dot = type(model.global_head).similarity is GlobalHead.similarity
         faiss = load_faiss() if backend != "torch" else None
         if backend == "faiss" and (faiss is None or not max_dot):
             raise ValueError("backend 'faiss' needs faiss installed and a head scoring by inner product")
         if faiss is None or not max_dot or (backend == "auto" and query.device.type != "cpu"):
-            return exact_search(query, self.embeddings, k, similarity=model.similarity)
+            return chunked_topk(query, self.embeddings, k, similarity=model.similarity)
         if self._faiss_index is None:
             n, vectors, dim = self.embeddings.shape
             self._faiss_index = faiss.IndexFlatIP(dim)
@@ -348,12 +332,11 @@ class Index:
 
 
 def _write_shard(path: Path, pending: dict[str, list]) -> None:
-    """One shard, written whole or not at all (a temporary file renamed into place)."""
+    """One shard, written whole or not at all (:func:`coalign.io.atomic_path`)."""
     tensors = {"embedding": torch.cat(pending["embeddings"]).contiguous()} if pending["embeddings"] else {}
     meta = {"paths": json.dumps(pending["paths"]), "errors": json.dumps(pending["errors"])}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _shard_meta(path: Path) -> dict[str, Any]:

@@ -14,10 +14,12 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 __all__ = [
     "atomic_path",
@@ -29,6 +31,8 @@ __all__ = [
     "read_jsonl",
     "write_jsonl",
     "format_table",
+    "load_image",
+    "check_files_exist",
 ]
 
 
@@ -140,3 +144,22 @@ def format_table(values: Mapping[str, Any], title: str | None = None, extra: Map
     lines += [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 6}"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def check_files_exist(paths: Sequence[str | Path], what: str = "image") -> None:
+    """Raise one error listing how many files are missing and the first few, before any work starts."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        first = "\n  ".join(missing[:5])
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} files are missing, e.g.:\n  {first}")

@@ -16,7 +16,9 @@ from ._features import QueryFeatures, TargetFeatures
 from ._hub import HubMixinOverrides
 from ._optim import build_optimizer_callable, optimizer_spec
 from .backbones.base import Backbone
+from .evaluation.engine import EvaluationOutcome, EvaluationTask, Gallery, encode_gallery, evaluation_step
 from .heads.base import GlobalHead, LocalHead
+from .heads.global_alignment import ContextualAlignmentHead
 from .registry import build_component
 from .transforms import ImageTransform
 
@@ -63,11 +65,11 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         init_from: str | None = None,
     ):
         super().__init__()
-        from .heads.global_alignment import ContextualAlignmentHead
-
         self.backbone: Backbone = build_component(backbone, Backbone)
         self.global_head: GlobalHead = build_component(global_head, GlobalHead) or ContextualAlignmentHead()
         self.local_head: LocalHead | None = build_component(local_head, LocalHead)
+        if self.local_head is not None:
+            self.local_head.bind(self.backbone.token_dim)
         if rerank_top_k < 0:
             raise ValueError(f"rerank_top_k must be >= 0, got {rerank_top_k}")
         self.local_loss_weight = local_loss_weight
@@ -78,7 +80,11 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         self.lr_scheduler_factory = build_optimizer_callable(lr_scheduler)
         self.init_from = init_from
         self.card_info: dict[str, Any] = {}
-        self._eval: dict[str, Any] | None = None
+        #: the result of the latest validation or test run over a gallery, for callbacks (None before one)
+        self.last_evaluation: EvaluationOutcome | None = None
+        self._task: EvaluationTask | None = None
+        self._gallery: Gallery | None = None
+        self._examples: list[dict[str, Any]] = []
         self.save_hyperparameters(self.config())
         if init_from is not None:
             self.load_weights_from(init_from)
@@ -220,50 +226,49 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
 
     # -- evaluation (validation and test share this code) ---------------------------------------------------
     def _eval_start(self, stage: str) -> None:
-        from .evaluation.engine import encode_gallery
-
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not getattr(dm, "has_gallery", False):
-            self._eval = None
+        datamodule = self.trainer.datamodule
+        task = datamodule.evaluation_task(stage) if hasattr(datamodule, "evaluation_task") else None
+        self._task, self._examples = task, []
+        if task is None:
             return
-        split = dm.evaluation_split(stage)
-        gallery = encode_gallery(self, dm.gallery_dataloader(split), progress=False)
-        evaluator = dm.build_evaluator(split).to(self.device)
-        self._eval = {"split": split, "gallery": gallery, "evaluator": evaluator, "examples": []}
+        self._gallery = encode_gallery(self, task.gallery, progress=False)
+        task.evaluator.to(self.device)
+        task.evaluator.check_gallery(self._gallery.ids)
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
-        if self._eval is None:  # no gallery: in-batch loss and recall
+        if self._task is None:  # no gallery: in-batch loss and recall
             losses = self._losses(batch)
             self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, batch_size=len(batch["text"]))
             return
-        from .evaluation.engine import evaluation_step
-
-        gallery = self._eval["gallery"]
-        index, _ = evaluation_step(self, batch, gallery, self._eval["evaluator"])
-        ranked_ids = [[gallery.ids[j] for j in row[:10]] for row in index.tolist()]
-        examples = self._eval["examples"]
-        for i in range(min(len(ranked_ids), 8 - len(examples))):
-            examples.append(
+        index, _ = evaluation_step(self, batch, self._gallery, self._task.evaluator)
+        ranked_ids = [[self._gallery.ids[j] for j in row[:10]] for row in index.tolist()]
+        for i in range(min(len(ranked_ids), 8 - len(self._examples))):
+            self._examples.append(
                 {
                     "reference": batch["reference"][i].cpu(),
                     "text": batch["text"][i],
                     "target_id": batch.get("target_id", [""] * len(ranked_ids))[i],
-                    "ranked_ids": ranked_ids[i][:10],
+                    "ranked_ids": ranked_ids[i],
                 }
             )
 
     def _eval_end(self, prefix: str) -> None:
-        if self._eval is None:
+        task = self._task
+        if task is None:
             return
-        metrics = self._eval["evaluator"].compute()
+        metrics = task.evaluator.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False)
-        self.last_eval = {
-            "split": self._eval["split"],
-            "metrics": metrics,
-            "examples": self._eval["examples"],
-            "evaluator": self._eval["evaluator"],
-        }
-        self._eval = None
+        # upload files only when a user asked for this split (validate/test), not at every validation of a fit
+        uploads = task.upload_files(task.evaluator) if self.trainer.state.fn != "fit" else {}
+        self.last_evaluation = EvaluationOutcome(
+            stage=prefix,
+            split=task.split,
+            metrics=metrics,
+            examples=self._examples,
+            upload_files=uploads,
+            gallery_images=getattr(task.gallery, "dataset", None),
+        )
+        self._task, self._gallery, self._examples = None, None, []
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start("validate")

@@ -12,6 +12,7 @@ That one dict is what Lightning's hparams, the Hub's ``config.json`` and ``load_
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
 from collections.abc import Callable
@@ -188,8 +189,6 @@ def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered models, filtered by a shell-style pattern (``"coalign_clip*"``)."""
-    import fnmatch
-
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 

@@ -1,4 +1,7 @@
-"""LightningDataModules (installed as ``coalign.datamodules``); every one yields the batch format of ``base``."""
+"""LightningDataModules (installed as ``coalign.datamodules``); every one yields the batch format of ``base``.
+
+Each official benchmark (FashionIQ, CIRR, CIRCO) lives in one module with its evaluator and upload files.
+"""
 
 from .base import (
     CIRDataModule,
@@ -9,10 +12,10 @@ from .base import (
     collate,
     load_image,
 )
-from .circo import CIRCODataModule
+from .circo import CIRCODataModule, CIRCOEvaluator
 from .cirhs import CIRHSDataModule
-from .cirr import CIRRDataModule
-from .fashioniq import FashionIQDataModule
+from .cirr import CIRRDataModule, CIRREvaluator
+from .fashioniq import FashionIQDataModule, FashionIQEvaluator
 from .shapes import ShapesDataModule
 from .triplets import TripletsDataModule
 
@@ -30,4 +33,7 @@ __all__ = [
     "CIRCODataModule",
     "CIRHSDataModule",
     "TripletsDataModule",
+    "FashionIQEvaluator",
+    "CIRREvaluator",
+    "CIRCOEvaluator",
 ]

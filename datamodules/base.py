@@ -20,13 +20,13 @@ key                type                                meaning
 **Gallery batch** (``gallery_dataloader(split)`` of evaluation DataModules): ``image`` float
 ``[B, 3, H, W]`` and ``image_id`` ``list[str]``.
 
-Images are transformed in the loader workers by ``image_transform``. When it is None, the DataModule asks
-the attached model for its own (``trainer.lightning_module.preprocess``) at ``setup``, so the images always
-match the backbone.
+Images are transformed in the loader workers by ``image_transform``: the model's own ``preprocess``, handed
+over once by :meth:`CIRDataModule.connect`, so the images always match the backbone.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
+
+from coalign.evaluation import EvaluationTask, RetrievalEvaluator
 
 __all__ = [
     "CIRDataModule",
@@ -232,12 +234,24 @@ class GroupedBatchSampler(BatchSampler):
 
 
 class CIRDataModule(L.LightningDataModule):
-    """Base class: loaders, worker settings and the model's image transform.
+    """Base class: loaders, worker settings, the model's image transform and the evaluation contract.
+
+    **Model -> data: one call.** Images must be transformed the way the model's backbone expects, so before
+    ``setup`` the DataModule is handed the model's transform once, by :meth:`connect` (as litgpt's
+    ``DataModule.connect``). The ``coalign`` command line does it for you; in Python::
+
+        data = CIRRDataModule("data/CIRR")
+        data.connect(model.preprocess)
+        trainer.fit(model, datamodule=data)
+
+    **Data -> model: one call.** For validation and test, ``CoAlign`` asks :meth:`evaluation_task` for the
+    split's gallery loader and evaluator; a DataModule without a gallery returns None and the model scores its
+    batches in-batch instead.
 
     Args:
         batch_size: triplets (or gallery images) per batch.
         num_workers: loader worker processes (0 loads in the main process).
-        image_transform: callable PIL -> tensor; None takes the attached model's ``preprocess``.
+        image_transform: callable PIL -> tensor; None (the default) waits for :meth:`connect`.
     """
 
     def __init__(self, batch_size: int = 32, num_workers: int = 0, image_transform: Transform | None = None):
@@ -249,16 +263,21 @@ class CIRDataModule(L.LightningDataModule):
         self.image_transform = image_transform
 
     # -- transform ---------------------------------------------------------------------------------------
+    def connect(self, image_transform: Transform) -> None:
+        """Hand over the model's image transform (``model.preprocess``); call once, before ``setup``.
+
+        A transform given to the constructor wins: ``connect`` then changes nothing.
+        """
+        if self.image_transform is None:
+            self.image_transform = image_transform
+
     @property
     def transform(self) -> Transform:
         if self.image_transform is None:
-            module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-            if module is None or not hasattr(module, "preprocess"):
-                raise RuntimeError(
-                    f"{type(self).__name__} has no image_transform: pass one, or attach it to a Trainer with a "
-                    "CoAlign model so it can use model.preprocess"
-                )
-            self.image_transform = module.preprocess
+            raise RuntimeError(
+                f"{type(self).__name__} has no image transform: call datamodule.connect(model.preprocess) before "
+                "training or evaluating (the coalign command line does it), or pass image_transform=..."
+            )
         return self.image_transform
 
     # -- loaders -----------------------------------------------------------------------------------------
@@ -287,19 +306,37 @@ class CIRDataModule(L.LightningDataModule):
     def gallery_dataset(self, split: str) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} has no gallery")
 
-    # -- retrieval evaluation protocol (used by CoAlign's validation/test steps and `coalign evaluate`) --------
+    # -- retrieval evaluation protocol (CoAlign's validation/test steps and `coalign evaluate`) --------------
     #: True for DataModules whose val/test loaders yield *queries* ranked against a gallery. Such a module
-    #: implements ``evaluation_split``, ``gallery_dataloader`` and ``build_evaluator``.
+    #: implements ``gallery_dataset``, ``build_evaluator`` and, if its split names differ, ``evaluation_split``.
     has_gallery: bool = False
 
+    def evaluation_task(self, stage: str) -> EvaluationTask | None:
+        """What the model needs to evaluate a Lightning stage ("validate" or "test") against a gallery.
+
+        Returns None for a DataModule without a gallery (the model then reports in-batch loss and recall).
+        The ``val_dataloader`` / ``test_dataloader`` batches are the task's queries.
+        """
+        if not self.has_gallery:
+            return None
+        split = self.evaluation_split(stage)
+        return EvaluationTask(
+            split=split,
+            gallery=self.gallery_dataloader(split),
+            evaluator=self.build_evaluator(split),
+            upload_files=functools.partial(self.ranking_files, split),
+        )
+
     def evaluation_split(self, stage: str) -> str:
-        """The split a Lightning stage ("validate" or "test") evaluates: the ``val_dataloader`` /
-        ``test_dataloader`` batches are its queries and ``gallery_dataloader(split)`` its gallery."""
+        """The split a Lightning stage ("validate" or "test") evaluates."""
         return {"validate": "val", "fit": "val", "test": "test"}[stage]
 
-    def build_evaluator(self, split: str):
-        """A fresh evaluator for ``split``: an object (a ``torchmetrics.Metric``, so it syncs across DDP ranks)
-        with attributes ``top_k`` (ranking length it needs) and ``exclude_reference`` (remove each query's
-        reference image from its ranking), ``update(batch, ranked_ids: list[list[str]], ranked_scores)`` and
-        ``compute() -> dict[str, float]`` (percentages, keys such as ``"cirr/R@1"``)."""
+    def build_evaluator(self, split: str) -> RetrievalEvaluator:
+        """A fresh :class:`~coalign.evaluation.RetrievalEvaluator` for ``split`` (a torchmetrics ``Metric``, so it
+        syncs across DDP ranks)."""
         raise NotImplementedError(f"{type(self).__name__} has no retrieval evaluator")
+
+    def ranking_files(self, split: str, evaluator: RetrievalEvaluator) -> dict[str, dict]:
+        """The rankings of a finished evaluation in the benchmark's upload format(s): file name -> JSON object.
+        None of them by default (only the official benchmarks have upload formats)."""
+        return {}

@@ -2,9 +2,12 @@
 
 A benchmark split is parsed once into a :class:`SplitData`: its queries (one record per annotation entry, in
 file order) and its gallery (``(image_id, path)`` pairs taken from the split/annotation files, never from a
-folder listing). Parsing needs only the annotation files, so ``coalign check-submission`` works on a copy
-without images; :meth:`BenchmarkDataModule.prepare_split` adds the image existence check that runs before any
-encoding.
+folder listing). Parsing needs only the annotation files, so :meth:`BenchmarkDataModule.check_submission`
+(``coalign check-submission``) works on a copy without images; :meth:`BenchmarkDataModule.prepare_split` adds
+the image existence check that runs before any encoding.
+
+Each benchmark's module holds everything of that benchmark: annotation parser, DataModule, evaluator, upload-file
+writer and checker.
 """
 
 from __future__ import annotations
@@ -16,20 +19,19 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from coalign.io import read_json
+
 from .base import CIRDataModule, GalleryDataset, TripletDataset, check_files_exist, load_image
 
-__all__ = ["BenchmarkDataModule", "QueryDataset", "SplitData", "read_json", "require"]
+__all__ = ["BenchmarkDataModule", "QueryDataset", "SplitData", "read_annotation", "require"]
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Load an annotation file, naming it (and the position of a syntax error) when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (is --root the folder of the official layout?)")
+def read_annotation(path: Path, what: str) -> Any:
+    """Load an annotation file with :func:`coalign.io.read_json`; a missing one also hints at the layout."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+        return read_json(path, what)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (is root the folder of the official layout?)") from None
 
 
 def require(entry: Any, types: dict[str, type | tuple[type, ...]], path: Path, index: int | str) -> dict:
@@ -95,7 +97,8 @@ class BenchmarkDataModule(CIRDataModule):
     """Base of the benchmark DataModules: split parsing and caching, loaders, the evaluation protocol.
 
     Subclasses set ``benchmark``, ``splits``, ``test_split`` and ``train_split`` and implement ``_parse``,
-    ``protocol``, ``build_evaluator`` and ``ranking_files``.
+    ``protocol``, ``build_evaluator``, ``ranking_files`` and, where a test server judges uploads,
+    ``_check_upload`` (else they set ``has_test_server = False``).
     """
 
     benchmark: str = ""
@@ -103,6 +106,7 @@ class BenchmarkDataModule(CIRDataModule):
     test_split: str = "test"
     train_split: str | None = "train"
     has_gallery = True
+    has_test_server = True
 
     def __init__(self, root: str | Path, batch_size: int = 32, num_workers: int = 0, image_transform=None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
@@ -185,3 +189,33 @@ class BenchmarkDataModule(CIRDataModule):
     def ranking_files(self, split: str, evaluator) -> dict[str, dict]:
         """The rankings of a finished evaluation in the official upload format(s): file name -> JSON object."""
         raise NotImplementedError
+
+    # -- upload files ------------------------------------------------------------------------------------
+    def check_submission(self, path: str | Path, split: str | None = None) -> list[str]:
+        """Judge an upload file as the benchmark's test server would; reads annotations only, no image.
+
+        Args:
+            path: the JSON file to upload.
+            split: the split it ranks; None means ``test_split``.
+
+        Returns:
+            Every problem found, one line per kind of problem (``"<kind>: <count> (e.g. ...)"``); an empty list
+            means the file passes. A file that is not JSON gives one line.
+
+        Raises:
+            ValueError: the benchmark has no test server, or ``split`` is not one of its splits.
+            FileNotFoundError: ``path`` (or an annotation file of the split) does not exist.
+        """
+        if not self.has_test_server:
+            raise ValueError(f"no test server checks {self.benchmark} files; valid benchmarks: cirr, circo")
+        data = self.split_data(self.test_split if split is None else split)
+        path = Path(path)
+        try:
+            obj = read_json(path, "submission file")
+        except ValueError as err:  # not JSON: a problem of the file, not an error of the check
+            return [str(err)]
+        return self._check_upload(obj, data, size=path.stat().st_size)
+
+    def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:
+        """Problems of the parsed upload ``obj`` (of ``size`` bytes) for the split ``data``; empty = accepted."""
+        raise NotImplementedError(f"{type(self).__name__} does not check upload files")

@@ -1,4 +1,6 @@
-"""CIRCO (Baldrati et al., ICCV 2023), read from the official layout::
+"""CIRCO (Baldrati et al., ICCV 2023): annotation parser, DataModule, evaluator, upload-file writer and checker.
+
+Read from the official layout::
 
     ROOT/annotations/{val,test}.json
     ROOT/COCO2017_unlabeled/annotations/image_info_unlabeled2017.json     {"images": [{"id", "file_name"}, ...]}
@@ -7,24 +9,120 @@
 The gallery is every image of ``image_info_unlabeled2017.json`` (123,403), shared by val and test, so a gallery
 cache made for one serves the other. Queries may have several ground truths; the metric is mAP@k exactly as
 the server computes it. Image ids are ints in the files and strings inside coalign (gallery names).
+
+Metrics (percentages): ``AP@k = sum_{i<=k} P(i) * rel(i) / min(|gt|, k)`` on the top-50 list, ``mAP@k`` its
+mean over queries (k = 5, 10, 25, 50); Recall@k on the single ``target_img_id``; mAP@10 per semantic aspect.
+
+Upload format: ``circo_<split>.json``, one JSON object ``{"<query id>": [50 unique int image ids]}`` holding
+every query of the split, at most 5 MB; one duplicate rejects the file.
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coalign.evaluation.metrics import CIRCOEvaluator
-from coalign.evaluation.submission import circo_ranking_files
+import torch
+from torch import Tensor
 
-from .benchmark import BenchmarkDataModule, SplitData, read_json, require
+from coalign.evaluation._ranks import head, lookup_positions
+from coalign.evaluation.evaluator import RetrievalEvaluator
+from coalign.evaluation.submission import LIST_LENGTH, MAX_BYTES, ProblemReport, check_list, ranking_of
 
-__all__ = ["CIRCODataModule"]
+from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require
+
+__all__ = ["CIRCODataModule", "CIRCOEvaluator", "circo_ranking_files", "check_circo"]
 
 _TEMPLATE_FIELDS = {"caption", "shared_concept"}
 
 
+# -- evaluation ------------------------------------------------------------------------------------------------
+class CIRCOEvaluator(RetrievalEvaluator):
+    """CIRCO mAP@{5,10,25,50} (the server's formula), Recall@k on ``target_img_id``, mAP@10 per aspect."""
+
+    ks = (5, 10, 25, 50)
+    value_names = tuple(f"circo/mAP@{k}" for k in ks) + tuple(f"circo/R@{k}" for k in ks)
+
+    def __init__(
+        self,
+        gallery_ids: Sequence[str],
+        aspects: Sequence[str] = (),
+        *,
+        exclude_reference: bool = False,
+        has_labels: bool = True,
+    ) -> None:
+        super().__init__(
+            gallery_ids, top_k=self.list_length, exclude_reference=exclude_reference, has_labels=has_labels
+        )
+        self.aspects = list(aspects)
+        self.add_state("aspect_mask", default=[], dist_reduce_fx="cat")
+
+    def _update(self, batch: dict[str, Any], positions: Tensor) -> None:
+        ranking = head(positions, self.list_length)
+        self.ranking.append(ranking)
+        if not self.has_labels:
+            return
+        gt = lookup_positions(batch["gt_ids"], self.position, self.device, missing=-2)
+        n_gt = torch.tensor([len(g) for g in batch["gt_ids"]], device=self.device, dtype=torch.float)
+        relevant = ((ranking[:, :, None] == gt[:, None, :]) & (gt[:, None, :] >= 0)).any(-1) & (ranking >= 0)
+        relevant = relevant.float()
+        cutoff = torch.arange(1, ranking.shape[1] + 1, device=self.device, dtype=torch.float)
+        precision = relevant.cumsum(dim=1) * relevant / cutoff
+        target = lookup_positions(batch["target_id"], self.position, self.device, missing=-2)
+        columns = [precision[:, :k].sum(dim=1) / n_gt.clamp(max=k) for k in self.ks]
+        columns += [(ranking[:, :k] == target[:, None]).any(dim=1).float() for k in self.ks]
+        self.values.append(torch.stack(columns, dim=1))
+        mask = torch.zeros(len(ranking), len(self.aspects), dtype=torch.bool, device=self.device)
+        for row, names in enumerate(batch["semantic_aspects"]):
+            for name in names:
+                mask[row, self.aspects.index(name)] = True
+        self.aspect_mask.append(mask)
+
+    def _metric_states(self) -> tuple[str, ...]:
+        return ("values", "aspect_mask")
+
+    def _metrics(self, states: dict[str, Tensor]) -> dict[str, float]:
+        out = super()._metrics(states)
+        ap10 = states["values"][:, self.ks.index(10)]
+        for a, name in enumerate(self.aspects):
+            rows = states["aspect_mask"][:, a]
+            if rows.any():
+                out[f"circo/aspect/{name}/mAP@10"] = float(ap10[rows].mean() * 100)
+        return out
+
+
+# -- upload files ----------------------------------------------------------------------------------------------
+def circo_ranking_files(data: SplitData, rankings: dict[int, list[str]]) -> dict[str, dict]:
+    """``circo_<split>.json``: query id -> 50 int image ids."""
+    return {
+        f"circo_{data.split}.json": {
+            str(q["query_id"]): [int(i) for i in ranking_of(rankings, q)[:50]] for q in data.queries
+        }
+    }
+
+
+def check_circo(obj: Any, data: SplitData, size: int = 0) -> list[str]:
+    """Problems of a CIRCO upload for the split ``data``; empty = accepted."""
+    report = ProblemReport()
+    if size > MAX_BYTES:
+        report.add(f"file larger than {MAX_BYTES} bytes", str(size))
+    if not isinstance(obj, dict):
+        return [f"the file must hold one JSON object, got {type(obj).__name__}"]
+    gallery = {int(i) for i in data.gallery_ids}
+    queries = {str(q["query_id"]) for q in data.queries}
+    for key in obj.keys() - queries:
+        report.add(f"query ids not in {data.split}", key)
+    for key in sorted(queries, key=int):
+        if key not in obj:
+            report.add("missing query ids", key)
+        else:
+            check_list(report, key, obj[key], min(LIST_LENGTH, len(gallery)), gallery, int)
+    return report.lines()
+
+
+# -- data module ----------------------------------------------------------------------------------------------
 class CIRCODataModule(BenchmarkDataModule):
     """CIRCO val / test.
 
@@ -68,7 +166,7 @@ class CIRCODataModule(BenchmarkDataModule):
     def _read_gallery(self) -> tuple[list[tuple[str, Path]], dict[str, Path]]:
         if self._gallery is None:
             info_path = self.root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-            info = read_json(info_path, "CIRCO gallery file (COCO 2017 unlabeled image info)")
+            info = read_annotation(info_path, "CIRCO gallery file (COCO 2017 unlabeled image info)")
             if not isinstance(info, dict) or not isinstance(info.get("images"), list):
                 raise ValueError(f"{info_path} should hold an object with an 'images' list")
             folder = self.root / "COCO2017_unlabeled" / "unlabeled2017"
@@ -85,7 +183,7 @@ class CIRCODataModule(BenchmarkDataModule):
         labelled = split == "val"
         gallery, by_id = self._read_gallery()
         path = self.root / "annotations" / f"{split}.json"
-        entries = read_json(path, "CIRCO annotation file")
+        entries = read_annotation(path, "CIRCO annotation file")
         if not isinstance(entries, list):
             raise ValueError(f"{path} should hold a JSON list, got {type(entries).__name__}")
         keys: dict[str, Any] = {"id": int, "reference_img_id": int, "relative_caption": str, "shared_concept": str}
@@ -134,3 +232,6 @@ class CIRCODataModule(BenchmarkDataModule):
 
     def ranking_files(self, split: str, evaluator: CIRCOEvaluator) -> dict[str, dict]:
         return circo_ranking_files(self.split_data(split), evaluator.rankings())
+
+    def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:
+        return check_circo(obj, data, size)

@@ -59,7 +59,7 @@ class CIRHSDataModule(CIRDataModule):
         root: the dataset folder (``triplets.jsonl``, ``images/``).
         batch_size: triplets per batch.
         num_workers: loader worker processes.
-        image_transform: callable PIL -> tensor; None takes the attached model's ``preprocess``.
+        image_transform: callable PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
         group_size: triplets of one group put together in a batch (their targets are soft positives).
         val_split: the split of ``triplets.jsonl`` used for validation.
         seed: seed of the per-epoch batch shuffles.

@@ -1,4 +1,6 @@
-"""FashionIQ (Wu et al., 2021): dress, shirt and toptee, read from the official layout::
+"""FashionIQ (Wu et al., 2021): annotation parser, DataModule, evaluator and ranking-file writer.
+
+Dress, shirt and toptee, read from the official layout::
 
     ROOT/captions/cap.{dress,shirt,toptee}.{train,val,test}.json     [{"target", "candidate", "captions": [c0, c1]}]
     ROOT/image_splits/split.{dress,shirt,toptee}.{train,val,test}.json   ["<ASIN>", ...]
@@ -7,6 +9,12 @@
 Each category is evaluated on its own gallery, ``split.<category>.<split>.json`` (the CLIP4Cir / SPRC
 convention), never on a folder listing; queries of several categories share one loader and are ranked within
 their category. The test captions have no targets: that split yields rankings, no metrics.
+
+Metrics (percentages): Recall@10/50 per category on the category's own gallery, their means over categories,
+and ``fashioniq/avg = (avg R@10 + avg R@50) / 2``.
+
+Ranking files (no test server; the same shape for other tools): ``fashioniq_<category>_<split>.json``, one JSON
+object ``{"<index in cap.<category>.<split>.json>": [top-50 names]}`` per category.
 """
 
 from __future__ import annotations
@@ -17,12 +25,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from coalign.evaluation.metrics import FashionIQEvaluator
-from coalign.evaluation.submission import fashioniq_ranking_files
+import torch
+from torch import Tensor
 
-from .benchmark import BenchmarkDataModule, SplitData, read_json, require
+from coalign.evaluation._ranks import compact, head, lookup_positions
+from coalign.evaluation.evaluator import RetrievalEvaluator
+from coalign.evaluation.submission import ranking_of
 
-__all__ = ["FashionIQDataModule", "join_captions", "CATEGORIES", "CAPTION_JOINS"]
+from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require
+
+__all__ = [
+    "FashionIQDataModule",
+    "FashionIQEvaluator",
+    "fashioniq_ranking_files",
+    "join_captions",
+    "CATEGORIES",
+    "CAPTION_JOINS",
+]
 
 CATEGORIES = ("dress", "shirt", "toptee")
 CAPTION_JOINS = ("clip4cir", "reversed", "lowercase", "both_orders")
@@ -61,6 +80,90 @@ def random_caption_join(captions: Sequence[str], rng=random) -> str:
     return f"{a.capitalize()} and {b}" if choice < 2 else a.capitalize()
 
 
+# -- evaluation ------------------------------------------------------------------------------------------------
+class FashionIQEvaluator(RetrievalEvaluator):
+    """FashionIQ Recall@10/50, each query ranked within its own category's gallery.
+
+    Args:
+        gallery_ids: union of the category galleries (the gallery loader's order).
+        category_galleries: category -> names of its gallery.
+        exclude_reference: remove the reference image from the ranking (off in the CLIP4Cir convention).
+        has_labels: False for the test split.
+        query_text_keys: ``("text",)``, or ``("text", "text_reversed")`` for ``caption_join="both_orders"``.
+    """
+
+    value_names = ("R@10", "R@50")
+
+    def __init__(
+        self,
+        gallery_ids: Sequence[str],
+        category_galleries: dict[str, Sequence[str]],
+        *,
+        exclude_reference: bool = False,
+        has_labels: bool = True,
+        query_text_keys: Sequence[str] = ("text",),
+    ) -> None:
+        n = len(gallery_ids)
+        membership = torch.zeros(len(category_galleries), n, dtype=torch.bool)
+        position = {str(name): i for i, name in enumerate(gallery_ids)}
+        for c, names in enumerate(category_galleries.values()):
+            membership[c, [position[str(name)] for name in names]] = True
+        # a category ranked inside a larger union gallery needs the full ranking to find its own top 50 exactly
+        whole = bool(membership.all())
+        super().__init__(
+            gallery_ids,
+            top_k=self.list_length if whole else n,
+            exclude_reference=exclude_reference,
+            has_labels=has_labels,
+            query_text_keys=query_text_keys,
+        )
+        self.categories = list(category_galleries)
+        self.register_buffer("membership", membership, persistent=False)
+        self.add_state("category", default=[], dist_reduce_fx="cat")
+
+    def _update(self, batch: dict[str, Any], positions: Tensor) -> None:
+        try:
+            category = torch.tensor([self.categories.index(c) for c in batch["category"]], device=self.device)
+        except ValueError as err:
+            raise ValueError(f"query category not among {self.categories}: {err}") from None
+        allowed = self.membership[category].gather(1, positions.clamp(min=0)) & (positions >= 0)
+        ranking = head(compact(positions, allowed), self.list_length)
+        self.ranking.append(ranking)
+        self.category.append(category)
+        if self.has_labels:
+            target = lookup_positions(batch["target_id"], self.position, self.device, missing=-2)
+            hits = ranking == target[:, None]
+            self.values.append(torch.stack([hits[:, :10].any(1), hits[:, :50].any(1)], dim=1).float())
+
+    def _metric_states(self) -> tuple[str, ...]:
+        return ("values", "category")
+
+    def _metrics(self, states: dict[str, Tensor]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        per_category = []
+        for c, name in enumerate(self.categories):
+            rows = states["values"][states["category"] == c]
+            if len(rows):
+                r10, r50 = (rows.mean(dim=0) * 100).tolist()
+                out[f"fashioniq/{name}/R@10"], out[f"fashioniq/{name}/R@50"] = r10, r50
+                per_category.append((r10, r50))
+        if per_category:
+            avg10 = sum(r[0] for r in per_category) / len(per_category)
+            avg50 = sum(r[1] for r in per_category) / len(per_category)
+            out.update({"fashioniq/avg/R@10": avg10, "fashioniq/avg/R@50": avg50, "fashioniq/avg": (avg10 + avg50) / 2})
+        return out
+
+
+# -- upload files ----------------------------------------------------------------------------------------------
+def fashioniq_ranking_files(data: SplitData, rankings: dict[int, list[str]]) -> dict[str, dict]:
+    """``fashioniq_<category>_<split>.json``: caption-file index -> top-50 names, one file per category."""
+    files: dict[str, dict] = {f"fashioniq_{cat}_{data.split}.json": {} for cat in data.subsets}
+    for q in data.queries:
+        files[f"fashioniq_{q['category']}_{data.split}.json"][str(q["caption_index"])] = ranking_of(rankings, q)[:50]
+    return files
+
+
+# -- data module ----------------------------------------------------------------------------------------------
 class FashionIQDataModule(BenchmarkDataModule):
     """FashionIQ train / val / test.
 
@@ -83,6 +186,7 @@ class FashionIQDataModule(BenchmarkDataModule):
     benchmark = "fashioniq"
     splits = ("train", "val", "test")
     test_split = "test"
+    has_test_server = False
 
     def __init__(
         self,
@@ -137,7 +241,8 @@ class FashionIQDataModule(BenchmarkDataModule):
         for cat in self.categories:
             cap_path = self.root / "captions" / f"cap.{cat}.{split}.json"
             split_path = self.root / "image_splits" / f"split.{cat}.{split}.json"
-            caps, names = read_json(cap_path, "FashionIQ caption file"), read_json(split_path, "FashionIQ split file")
+            caps = read_annotation(cap_path, "FashionIQ caption file")
+            names = read_annotation(split_path, "FashionIQ split file")
             for path, value in ((cap_path, caps), (split_path, names)):
                 if not isinstance(value, list):
                     raise ValueError(f"{path} should hold a JSON list, got {type(value).__name__}")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from coalign.evaluation.evaluator import TargetRecall
+
 from .base import CIRDataModule, GalleryDataset, TripletDataset
 
 __all__ = ["ShapesDataModule", "ShapesWorld", "Scene"]
@@ -303,10 +305,8 @@ class ShapesDataModule(CIRDataModule):
         scenes = self.build_split(split)[1]
         return _RenderedGallery(self.world, scenes, self.transform)
 
-    def build_evaluator(self, split: str):
-        from coalign.evaluation.recall import TargetRecall
-
-        return TargetRecall(ks=(1, 5, 10, 50), prefix="shapes/")
+    def build_evaluator(self, split: str) -> TargetRecall:
+        return TargetRecall([scene.key for scene in self.build_split(split)[1]], ks=(1, 5, 10, 50), prefix="shapes/")
 
 
 class _RenderedGallery(GalleryDataset):

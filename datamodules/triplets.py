@@ -25,6 +25,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from coalign.evaluation.evaluator import TargetRecall
+
 from .base import CIRDataModule, GalleryDataset, Transform, TripletDataset, check_files_exist
 
 __all__ = ["TripletsDataModule", "read_triplets_file"]
@@ -201,7 +203,9 @@ class TripletsDataModule(CIRDataModule):
             seen.setdefault(r["target_id"], r["target"])
         return GalleryDataset(sorted(seen.items()), self.transform)
 
-    def build_evaluator(self, split: str):
-        from coalign.evaluation.recall import TargetRecall
-
-        return TargetRecall(ks=(1, 5, 10, 50), prefix="triplets/", exclude_reference=self.exclude_reference)
+    def build_evaluator(self, split: str) -> TargetRecall:
+        if split != "val":
+            raise ValueError(f"TripletsDataModule evaluates on the 'val' split, not {split!r}")
+        # the gallery_dataset order: every reference and target of the val triplets, sorted
+        ids = sorted({i for r in self.records.get("val", []) for i in (r["reference_id"], r["target_id"])})
+        return TargetRecall(ids, ks=(1, 5, 10, 50), prefix="triplets/", exclude_reference=self.exclude_reference)

@@ -1,5 +1,5 @@
-"""Exact search: coalign's torch path (``coalign.index.exact_search``) against FAISS ``IndexFlatIP`` (PERFORMANCE.md,
-"Search").
+"""Exact search: coalign's torch path (``coalign.evaluation.topk.chunked_topk``, behind ``Index.search`` and
+evaluation) against FAISS ``IndexFlatIP`` (PERFORMANCE.md, "Search").
 
 Both search the same random L2-normalised float32 database for the same queries, exactly (inner product, top k).
 The two are alternated ``--repeats`` times in one process, because this machine is shared and its speed drifts;
@@ -25,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from coalign.evaluation.topk import chunked_topk
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +40,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
 
-    import faiss
-
-    from coalign.index import exact_search
+    import faiss  # an optional, heavy dependency: after parsing, so that --help works without it
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -57,7 +57,7 @@ def main() -> None:
     print(f"faiss add: {add_s:.2f} s (not counted)")
 
     def run_torch():
-        scores, ids = exact_search(queries, database, args.k, chunk_rows=args.chunk_rows)
+        scores, ids = chunked_topk(queries, database, args.k, chunk_rows=args.chunk_rows)
         return scores.numpy(), ids.numpy()
 
     def run_faiss():

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from coalign.io import read_json
 from coalign.synthesis import RunContext, load_config
-from coalign.synthesis._io import derive_seed, item_path, read_json
+from coalign.synthesis._io import derive_seed, item_path
 from coalign.synthesis.assemble import assemble
 from coalign.synthesis.filter import FilterStage, PairInput, build_filters
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts, load_quadruples

@@ -1,26 +1,22 @@
-"""On-disk layout, item ids, shards and atomic writes shared by every synthesis stage.
+"""On-disk layout shared by every synthesis stage: item ids, shards, seeds and failure records.
 
-Every output a stage produces is written to a temporary file in the same folder and then moved into place with
-``os.replace``, which is atomic on POSIX file systems: a process killed at any moment leaves either the complete
-file or no file (plus, at worst, a ``.tmp-*`` file that nothing reads and the next write replaces). A stage
+Every output a stage produces is written atomically with :mod:`coalign.io` (a temporary file in the same folder,
+then ``os.replace``): a process killed at any moment leaves either the complete file or no file. A stage
 therefore knows an item is done exactly when its output file exists, and a rerun resumes without losing or
-duplicating anything. We do not ``fsync``: the guarantee covers killed processes and preempted jobs, not a
-power loss on a local disk.
+duplicating anything.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import tempfile
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from coalign.io import atomic_write_json, read_json
 
 __all__ = [
     "item_id",
@@ -29,13 +25,6 @@ __all__ = [
     "derive_seed",
     "item_path",
     "existing_items",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "atomic_save_image",
-    "read_json",
-    "read_jsonl",
-    "write_jsonl",
     "record_failure",
     "clear_failure",
     "list_failures",
@@ -96,61 +85,6 @@ def existing_items(root: Path, indices: Iterable[int], shard_size: int, suffix: 
 def _shard_dir(root: Path, shard: int) -> Path:
     # pathlib parsing is a visible cost with tiny models (several paths per item and stage); cache the folders
     return root / f"{shard:05d}"
-
-
-# -- atomic writes ---------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file, no file, or the whole new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException: a KeyboardInterrupt mid-write must not leave a stray temp file either
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
-
-
-def atomic_save_image(path: Path, image: Image.Image) -> None:
-    """Save a PNG atomically (PNG: lossless, so the filter scores what the renderer produced)."""
-    from io import BytesIO
-
-    buf = BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, naming the file and line when one is not valid JSON."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
-    return rows
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # -- failures --------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def word_tokenizer(extra_tokens: tuple[str, ...] = ()):
     ``extra_tokens`` become single tokens (the JSON pieces of a quadruple, ``<image>``), so that decoding
     reproduces them exactly.
     """
+    # tokenizers / transformers: heavy, imported only when a tiny model is built
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,6 +78,7 @@ def word_tokenizer(extra_tokens: tuple[str, ...] = ()):
 
 def clip_tokenizer(max_length: int = 77):
     """A character-level ``CLIPTokenizer`` (BPE without merges) built from an in-code vocabulary."""
+    # transformers: heavy, imported only when a tiny model is built
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -88,6 +90,7 @@ def clip_tokenizer(max_length: int = 77):
 
 def tiny_causal_lm(extra_tokens: tuple[str, ...] = ()):
     """A 2-layer Qwen2 causal LM and its word tokenizer: ``(model, tokenizer)``."""
+    # transformers: heavy, imported only when a tiny model is built
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = word_tokenizer(extra_tokens)
@@ -124,6 +127,7 @@ def _tiny_clip_text_config(tok) -> dict:
 
 def tiny_clip():
     """A tiny ``CLIPModel`` (32 px images) and its ``CLIPProcessor``: ``(model, processor)``."""
+    # transformers: heavy, imported only when a tiny model is built
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = clip_tokenizer(max_length=128)
@@ -149,6 +153,7 @@ def tiny_judge():
 
     Loaded back from a folder it is an ``AutoModelForImageTextToText`` like any real judge.
     """
+    # transformers: heavy, imported only when a tiny model is built
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -196,6 +201,7 @@ def tiny_judge():
 
 def tiny_diffusion_pipeline():
     """A tiny ``StableDiffusionPipeline`` (UNet + VAE + CLIP text encoder + character tokenizer + DDIM)."""
+    # diffusers: heavy optional dependency (the render stage), imported only when the tiny pipeline is built
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import derive_seed, item_path, write_jsonl
+from coalign.io import atomic_path, write_jsonl
+
+from ._io import derive_seed, item_path
 from .card import dataset_stats, draw_preview, write_card
 from .config import SynthesisConfig
 from .filter import PairFilter, decide, load_scores
@@ -41,14 +43,12 @@ DATASET_FILES = ["triplets.jsonl", "README.md", "stats.json", "preview.png", "im
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.is_file() and os.path.samefile(src, dst):
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{dst.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # left by a run killed between link and replace
-    try:
-        os.link(src, tmp)
-    except OSError:  # another file system, or one without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()  # atomic_path reserved the name with an empty file; os.link needs it free
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(src, tmp)
 
 
 def _split(config: SynthesisConfig, indices: Sequence[int]) -> set[int]:
@@ -138,7 +138,7 @@ def push_to_hub(
     Returns:
         The URL of the commit.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # the Hub client is needed by a push only
 
     folder = Path(folder)
     if not (folder / "triplets.jsonl").is_file():

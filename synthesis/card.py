@@ -13,7 +13,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ._io import atomic_save_image, atomic_write_json, atomic_write_text, list_failures, read_json
+from coalign.io import atomic_save_image, atomic_write_json, atomic_write_text, read_json
+
+from ._io import list_failures
 from .config import SynthesisConfig
 
 __all__ = ["dataset_stats", "write_card", "draw_preview"]

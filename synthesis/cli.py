@@ -1,13 +1,10 @@
 """``coalign synthesize``: run the CIRHS pipeline, or one stage of it, on one CPU or many GPUs.
 
-Examples::
-
-    coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs
-    coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage render --devices 8
-    coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny --prompts.num_quadruples 4
-
-Every option of the config can be overridden on the command line (``--render.image_size 768``); ``--help``
-lists them with their documentation, ``--print_config`` prints the resolved config.
+The command is :func:`synthesize`, parsed by :func:`coalign.command.run_command` like every ``coalign`` tool: the
+fields of :class:`~.config.SynthesisConfig` (``seed``, ``shard_size``, ``prompts``, ``render``, ``filter``,
+``assemble``) are its parameters, so a synthesis YAML such as ``configs/synthesis/cirhs.yaml`` *is* the
+command's ``--config``, and every field can be overridden on the command line (``--render.image_size 768``).
+``--help`` lists them with their documentation, ``--print_config`` prints the resolved options.
 """
 
 from __future__ import annotations
@@ -18,80 +15,107 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
-from .config import SynthesisConfig
+from coalign import command
 
-__all__ = ["synthesize_command", "build_parser", "load_config"]
+from .assemble import push_to_hub as upload_dataset
+from .config import AssembleConfig, FilterConfig, PromptsConfig, RenderConfig, SynthesisConfig
+from .pipeline import STAGES, run
+from .runner import launch
+
+__all__ = ["synthesize", "synthesize_command", "build_parser", "load_config"]
+
+PROG = "coalign synthesize"
 
 _DESCRIPTION = """Synthesize CIR triplets with the CIRHS recipe: an LLM writes caption quadruples (prompts), a
 text-to-image model renders each as an image pair (render), filters keep the good pairs (filter), and the pairs
 become grouped triplets with a dataset card (assemble). Each stage skips finished items, so rerunning the same
 command resumes an interrupted run. With --devices N (or several nodes) the ranks share every stage by shards."""
 
+_EPILOG = """\
+The exit status is 1 when some items failed (see OUTPUT/failures/): rerun the same command to retry them.
+
+examples:
+  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny
+  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --devices 8
+  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage render --devices 8
+  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny --prompts.num_quadruples 4
+  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage assemble --push_to_hub me/cirhs
+"""
+
+_DEFAULTS = SynthesisConfig()
+
+
+def synthesize(
+    output: Path,
+    seed: int = _DEFAULTS.seed,
+    shard_size: int = _DEFAULTS.shard_size,
+    prompts: PromptsConfig = _DEFAULTS.prompts,
+    render: RenderConfig = _DEFAULTS.render,
+    filter: FilterConfig = _DEFAULTS.filter,
+    assemble: AssembleConfig = _DEFAULTS.assemble,
+    stage: Literal["prompts", "render", "filter", "assemble"] | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    progress: bool = True,
+) -> int:
+    """Synthesize CIR triplets with the CIRHS recipe.
+
+    Args:
+        output: output folder, shared by all ranks.
+        seed: global seed; every item's sampling seed derives from it and the item id.
+        shard_size: items per shard (one folder per shard and stage; ranks take whole shards).
+        prompts: stage 1, an LLM writes caption quadruples.
+        render: stage 2, a text-to-image model renders each quadruple as an image pair.
+        filter: stage 3, the filter cascade (image check, CLIP score, multimodal-LLM judge).
+        assemble: stage 4, triplets, dataset card, statistics and preview.
+        stage: run only this stage (default: all four, in order).
+        accelerator: cpu, cuda, auto ... (Lightning Fabric).
+        devices: processes per node, one per GPU ('auto': all).
+        num_nodes: nodes (launch under SLURM or torchrun).
+        push_to_hub: after assemble, upload the dataset to this Hugging Face dataset repo id.
+        private: create the hub repo as private.
+        progress: progress bars (rank 0).
+
+    Returns:
+        0, or 1 when some items failed and need a rerun.
+    """
+    config = SynthesisConfig(
+        seed=seed, shard_size=shard_size, prompts=prompts, render=render, filter=filter, assemble=assemble
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = launch(Path(output), accelerator, devices, num_nodes, progress=progress)
+    reports = run(config, ctx, STAGES if stage is None else (stage,))
+    if not ctx.is_main:
+        return 0
+    for name, report in reports.items():
+        if name != "failed":
+            brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("counts", "filters")}
+            print(f"[{name}] {json.dumps(brief)}")
+    if reports["failed"]:
+        print(f"items failed: {reports['failed']}; see {output}/failures/ and rerun the same command to retry them")
+        return 1
+    if push_to_hub:
+        print(f"pushed: {upload_dataset(output, push_to_hub, private=private)}")
+    return 0
+
 
 def build_parser() -> ArgumentParser:
-    """The argument parser of ``coalign synthesize`` (config fields at the top level of the YAML)."""
-    parser = ArgumentParser(prog="coalign synthesize", description=_DESCRIPTION)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config, e.g. configs/synthesis/cirhs.yaml")
-    parser.add_argument("--output", type=str, required=True, help="output folder, shared by all ranks")
-    parser.add_argument(
-        "--stage",
-        type=Literal["prompts", "render", "filter", "assemble"] | None,
-        default=None,
-        help="run only this stage (default: all four, in order)",
-    )
-    parser.add_argument("--accelerator", type=str, default="auto", help="cpu, cuda, auto ... (Lightning Fabric)")
-    parser.add_argument("--devices", type=int | str, default=1, help="processes per node, one per GPU ('auto': all)")
-    parser.add_argument("--num_nodes", type=int, default=1, help="nodes (launch under SLURM or torchrun)")
-    parser.add_argument(
-        "--push_to_hub",
-        type=str | None,
-        default=None,
-        help="after assemble, upload the dataset to this Hugging Face dataset repo id",
-    )
-    parser.add_argument("--private", type=bool, default=False, help="create the hub repo as private")
-    parser.add_argument("--progress", type=bool, default=True, help="progress bars (rank 0)")
-    parser.add_class_arguments(SynthesisConfig, nested_key=None)
-    return parser
-
-
-def _config_from(parser: ArgumentParser, args) -> SynthesisConfig:
-    init = parser.instantiate(args)
-    return SynthesisConfig(**{f.name: getattr(init, f.name) for f in dataclasses.fields(SynthesisConfig)})
+    """The argument parser of ``coalign synthesize`` (the synthesis config fields at the top level of the YAML)."""
+    return command.build_parser(synthesize, PROG, description=_DESCRIPTION, epilog=_EPILOG)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthesisConfig:
     """The config of a YAML file, with command-line style overrides such as ``["--seed", "3"]``."""
     parser = build_parser()
-    return _config_from(parser, parser.parse_args(["--config", str(path), "--output", "-", *(overrides or [])]))
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(path), "--output", "-", *(overrides or [])]))
+    return SynthesisConfig(**{f.name: init[f.name] for f in dataclasses.fields(SynthesisConfig)})
 
 
 def synthesize_command(argv: list[str]) -> int:
     """Entry point of ``coalign synthesize``; returns the exit status (1 when some items failed and need a rerun)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = _config_from(parser, args)
-
-    from .pipeline import STAGES, run
-    from .runner import launch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx = launch(Path(args.output), args.accelerator, args.devices, args.num_nodes, progress=args.progress)
-    reports = run(config, ctx, STAGES if args.stage is None else (args.stage,))
-    if not ctx.is_main:
-        return 0
-    for stage, report in reports.items():
-        if stage != "failed":
-            brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("counts", "filters")}
-            print(f"[{stage}] {json.dumps(brief)}")
-    if reports["failed"]:
-        print(
-            f"items failed: {reports['failed']}; see {args.output}/failures/ and rerun the same command to retry them"
-        )
-        return 1
-    if args.push_to_hub:
-        from .assemble import push_to_hub
-
-        print(f"pushed: {push_to_hub(args.output, args.push_to_hub, private=args.private)}")
-    return 0
+    return command.run_command(synthesize, argv, PROG, description=_DESCRIPTION, epilog=_EPILOG)

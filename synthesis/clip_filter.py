@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import models
 from .config import ClipFilterConfig
-from .filter import PairFilter, PairInput
+from .pair_filter import PairFilter, PairInput
 
 __all__ = ["CLIPScoreFilter", "clip_scores"]
 

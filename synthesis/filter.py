@@ -12,125 +12,34 @@ thresholds wherever it is needed (:func:`decide`). Changing a threshold, or addi
 ``--stage filter`` that scores only the pairs now reaching a filter that has not seen them, then
 ``--stage assemble``. ``OUT/filter/report.json`` gives, per filter, how many pairs it evaluated and passed.
 
-A new filter is a :class:`PairFilter` subclass passed to ``pipeline.run(..., filters=[...])``.
+A new filter is a :class:`.pair_filter.PairFilter` subclass passed to ``pipeline.run(..., filters=[...])``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
+from coalign.io import atomic_write_json, read_json
 
-from ._io import atomic_write_json, existing_items, item_path, list_failures, read_json
-from .config import FilterConfig, ImageCheckConfig, SynthesisConfig
+from ._io import existing_items, item_path, list_failures
+from .clip_filter import CLIPScoreFilter
+from .config import FilterConfig, SynthesisConfig
+from .judge import MLLMJudgeFilter
+from .pair_filter import ImageCheck, PairFilter, PairInput
 from .prompts import load_quadruples
 from .runner import RunContext, Stage
 
 __all__ = ["PairInput", "PairFilter", "ImageCheck", "FilterStage", "build_filters", "decide", "filter_report"]
 
 
-@dataclass
-class PairInput:
-    """One rendered pair as a filter sees it; its images are decoded once, on first use."""
-
-    index: int
-    quad: dict[str, Any]
-    reference: Path
-    target: Path
-    _images: tuple[Image.Image, Image.Image] | None = field(default=None, repr=False)
-
-    def images(self) -> tuple[Image.Image, Image.Image]:
-        if self._images is None:
-            self._images = (_open(self.reference), _open(self.target))
-        return self._images
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-class PairFilter(ABC):
-    """A filter: scores a batch of pairs, then decides on one pair's scores with its thresholds.
-
-    Attributes:
-        name: folder name of its scores, key in the report.
-        batch_size: pairs per :meth:`score` call.
-    """
-
-    name: str = "filter"
-    batch_size: int = 32
-
-    def setup(self, device: torch.device) -> None:  # noqa: B027 (optional hook)
-        """Load models (only when there are pairs left to score)."""
-
-    def teardown(self) -> None:  # noqa: B027 (optional hook)
-        """Drop models."""
-
-    def settings(self) -> dict[str, Any]:
-        """What determines the scores (not the thresholds); resuming with other settings is refused."""
-        return {}
-
-    @abstractmethod
-    def score(self, pairs: Sequence[PairInput]) -> list[dict[str, Any]]:
-        """JSON-serialisable scores per pair."""
-
-    @abstractmethod
-    def passes(self, scores: dict[str, Any]) -> bool:
-        """Decision for one pair under the current thresholds."""
-
-
-class ImageCheck(PairFilter):
-    """Both halves must be readable images that are not blank (pixel standard deviation below ``min_std``).
-
-    Never raises on a bad file: an unreadable image is a score (``readable: false`` and the error), not a crash.
-    """
-
-    name = "image_check"
-    batch_size = 64
-
-    def __init__(self, config: ImageCheckConfig):
-        self.config = config
-
-    def score(self, pairs: Sequence[PairInput]) -> list[dict[str, Any]]:
-        out = []
-        for pair in pairs:
-            try:
-                ref, tgt = pair.images()
-            except Exception as err:  # truncated PNG, missing file, not an image: all mean "unusable"
-                out.append({"readable": False, "error": f"{type(err).__name__}: {err}"})
-                continue
-            out.append(
-                {
-                    "readable": True,
-                    "reference_std": float(np.asarray(ref, dtype=np.float32).std()),
-                    "target_std": float(np.asarray(tgt, dtype=np.float32).std()),
-                    "reference_size": list(ref.size),
-                    "target_size": list(tgt.size),
-                }
-            )
-        return out
-
-    def passes(self, scores: dict[str, Any]) -> bool:
-        return bool(scores["readable"]) and min(scores["reference_std"], scores["target_std"]) >= self.config.min_std
-
-
 def build_filters(config: FilterConfig) -> list[PairFilter]:
     """The configured filters, cheapest first."""
     filters: list[PairFilter] = [ImageCheck(config.image_check)]
     if config.clip is not None:
-        from .clip_filter import CLIPScoreFilter
-
         filters.append(CLIPScoreFilter(config.clip))
     if config.judge is not None:
-        from .judge import MLLMJudgeFilter
-
         filters.append(MLLMJudgeFilter(config.judge))
     return filters
 

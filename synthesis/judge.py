@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import models
 from .config import JudgeConfig
-from .filter import PairFilter, PairInput
+from .pair_filter import PairFilter, PairInput
 
 __all__ = ["MLLMJudgeFilter", "side_by_side"]
 

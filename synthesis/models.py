@@ -33,6 +33,7 @@ def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 def load_causal_lm(spec: ModelSpec, device: torch.device, extra_tokens: tuple[str, ...] = ()):
     """``(model, tokenizer)`` of a chat LLM. ``extra_tokens`` only shape the tiny model's word vocabulary."""
+    # transformers model classes: heavy, imported only when the prompts stage loads its LLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.tiny:
@@ -47,6 +48,7 @@ def load_causal_lm(spec: ModelSpec, device: torch.device, extra_tokens: tuple[st
 
 def load_clip(spec: ModelSpec, device: torch.device):
     """``(model, processor)`` of a transformers ``CLIPModel``."""
+    # transformers model classes: heavy, imported only when the filter stage loads CLIP
     from transformers import AutoProcessor, CLIPModel
 
     if spec.tiny:
@@ -59,6 +61,7 @@ def load_clip(spec: ModelSpec, device: torch.device):
 
 def load_judge(spec: ModelSpec, device: torch.device):
     """``(model, processor)`` of an image-text-to-text model (``AutoModelForImageTextToText``)."""
+    # transformers model classes: heavy, imported only when the filter stage loads its judge
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if spec.tiny:
@@ -74,7 +77,7 @@ def load_judge(spec: ModelSpec, device: torch.device):
 
 def load_diffusion_pipeline(spec: ModelSpec, device: torch.device, cpu_offload: bool = False):
     """Any diffusers ``DiffusionPipeline`` (FLUX, SD3, SDXL, ...), or a tiny Stable Diffusion one."""
-    try:
+    try:  # diffusers: heavy optional dependency, needed by the render stage only
         from diffusers import DiffusionPipeline
     except ImportError as err:
         raise ImportError("the render stage needs diffusers: pip install 'coalign[synthesis]'") from err

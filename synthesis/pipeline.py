@@ -18,8 +18,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ._io import atomic_write_json, list_failures
+from coalign.io import atomic_write_json
+
+from ._io import list_failures
+from .assemble import assemble
 from .config import SynthesisConfig, fingerprint
+from .filter import FilterStage, build_filters, filter_report
+from .pair_filter import PairFilter
+from .prompts import PromptsStage, finalize_prompts
+from .render import RenderStage
 from .runner import RunContext, StageSummary, check_settings, run_stage
 
 __all__ = ["STAGES", "run"]
@@ -40,14 +47,19 @@ def _log(ctx: RunContext, summary: StageSummary) -> None:
     )
 
 
-def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES, filters=None) -> dict[str, Any]:
+def run(
+    config: SynthesisConfig,
+    ctx: RunContext,
+    stages: Sequence[str] = STAGES,
+    filters: Sequence[PairFilter] | None = None,
+) -> dict[str, Any]:
     """Run ``stages`` (in pipeline order) and return rank 0's reports (other ranks get per-stage summaries).
 
     Args:
         config: the synthesis configuration.
         ctx: this process's place in the run (see :func:`.runner.launch`).
         stages: a subset of :data:`STAGES`.
-        filters: a custom list of :class:`.filter.PairFilter` (default: built from ``config.filter``).
+        filters: a custom list of :class:`.pair_filter.PairFilter` (default: built from ``config.filter``).
 
     Returns:
         ``{stage: report}``, plus ``"failed"``: items whose model call failed and that the next run retries.
@@ -63,8 +75,6 @@ def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES
     reports: dict[str, Any] = {}
 
     if "prompts" in stages:
-        from .prompts import PromptsStage, finalize_prompts
-
         check_settings(
             out / "prompts" / "settings.json", fingerprint(config.prompts, seed=seed, shard_size=shards), "prompts"
         )
@@ -75,8 +85,6 @@ def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES
         ctx.barrier("prompts-merged")
 
     if "render" in stages:
-        from .render import RenderStage
-
         check_settings(
             out / "render" / "settings.json", fingerprint(config.render, seed=seed, shard_size=shards), "render"
         )
@@ -84,8 +92,6 @@ def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES
         ctx.barrier("render")
 
     if "filter" in stages or "assemble" in stages:
-        from .filter import FilterStage, build_filters, filter_report
-
         filters = list(filters) if filters is not None else build_filters(config.filter)
     if "filter" in stages:
         for pair_filter in filters:  # one file per filter: adding a filter later is fine, changing one is not
@@ -100,8 +106,6 @@ def run(config: SynthesisConfig, ctx: RunContext, stages: Sequence[str] = STAGES
         ctx.barrier("filter-report")
 
     if "assemble" in stages:
-        from .assemble import assemble
-
         if ctx.is_main:
             reports["assemble"] = assemble(config, out, filters)
         ctx.barrier("assemble")

@@ -19,18 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coalign.io import atomic_write_json, read_json, read_jsonl, write_jsonl
+
 from . import models
-from ._io import (
-    atomic_write_json,
-    derive_seed,
-    existing_items,
-    failed_indices,
-    item_id,
-    item_path,
-    read_json,
-    read_jsonl,
-    write_jsonl,
-)
+from ._io import derive_seed, existing_items, failed_indices, item_id, item_path
 from .config import SynthesisConfig
 from .llm import QUADRUPLE_KEYS, ChatLLM, JsonConstraint, json_pieces
 from .quadruples import QuadrupleError, conversation, draw, near_duplicates, parse_quadruple

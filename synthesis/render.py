@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from coalign.io import atomic_save_image, atomic_write_json, read_json
+
 from . import models
-from ._io import atomic_save_image, atomic_write_json, derive_seed, existing_items, item_id, item_path, read_json
+from ._io import derive_seed, existing_items, item_id, item_path
 from .config import SynthesisConfig
 from .prompts import load_quadruples
 from .runner import RunContext, Stage

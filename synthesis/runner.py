@@ -6,7 +6,7 @@ result. Everything a long run needs is here, once:
 * **Sharding.** Items are grouped into shards of ``shard_size`` consecutive ids; rank ``r`` of ``world_size``
   takes the shards ``s`` with ``s % world_size == r``. Ranks never touch the same item, and a rerun with another
   world size still finds every finished item on disk.
-* **Resuming.** An item is done when its output file exists (outputs are written atomically, see :mod:`._io`).
+* **Resuming.** An item is done when its output file exists (outputs are written atomically, see :mod:`coalign.io`).
   Models are loaded only when a rank has work left, so resuming a finished stage costs a directory scan.
 * **Same batches on resume.** Seeds are per item, but batched kernels still differ from unbatched ones in the last
   bits, enough to flip a sampled token or a pixel. So each shard is cut into fixed blocks of ``batch_size`` and a
@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_write_json, clear_failure, failed_indices, read_json, record_failure, shard_of
+from coalign.io import atomic_write_json, read_json
+
+from ._io import clear_failure, failed_indices, record_failure, shard_of
 
 __all__ = ["RunContext", "Stage", "StageSummary", "launch", "run_stage", "check_settings"]
 
@@ -91,6 +93,7 @@ def launch(
     or several nodes (under SLURM or ``torchrun``). Barriers wait for the slowest rank to finish its shards,
     which on a big stage can take hours, hence a timeout far above torch's default of minutes.
     """
+    # lightning.fabric: heavy (the whole Lightning stack), needed only to launch a run, not to read its outputs
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 

@@ -23,7 +23,7 @@ EXPERIMENTS = sorted(p.name for p in (REPO / "configs" / "experiments").glob("*.
 TINY_MODEL = [
     "--model.backbone", "coalign.backbones.TinyBackbone", "--model.backbone.init_args.channels", "8",
     "--model.backbone.init_args.embed_dim", "32", "--model.backbone.init_args.token_dim", "16",
-    "--model.backbone.init_args.text_layers", "1", "--model.local_head.init_args.token_dim", "16",
+    "--model.backbone.init_args.text_layers", "1",
     "--model.init_from", "null",
 ]  # fmt: skip
 CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.fast_dev_run", "true",
@@ -66,7 +66,7 @@ def test_configs_compose_with_repeated_config_flags():
     assert code == 0
     model = yaml.safe_load(printed)["model"]
     assert model["backbone"]["class_path"] == "coalign.backbones.CLIPBackbone"
-    assert model["local_head"]["init_args"]["token_dim"] == 512 and model["init_from"] == "coalign_clip_vitb32"
+    assert model["init_from"] == "coalign_clip_vitb32"
     parts = ["model/coalign_tiny.yaml", "data/shapes.yaml", "trainer/cpu.yaml"]
     code, printed = _cli(["fit", *(arg for part in parts for arg in ("--config", _config(part))), "--print_config"])
     assert code == 0 and yaml.safe_load(printed)["trainer"]["accelerator"] == "cpu"
@@ -156,8 +156,8 @@ def test_experiment_trains_one_step_on_fake_data(name, fake_data, tmp_path):
     assert model.config()["target_pad_ratio"] == 1.25
     if name == "zeroshot_cirhs.yaml":  # the second half of the recipe: evaluate on a benchmark it never saw
         out = tmp_path / "eval"
-        code, printed = _cli(["evaluate", "--model", str(root / "model"), "--benchmark", "cirr",
-                              "--root", str(fake_data["cirr"]), "--output-dir", str(out), "--no-progress",
-                              "--num-workers", "0"])  # fmt: skip
+        code, printed = _cli(["evaluate", "--model", str(root / "model"), "--data", "CIRRDataModule",
+                              "--data.root", str(fake_data["cirr"]), "--output_dir", str(out),
+                              "--progress", "false"])  # fmt: skip
         assert code == 0, printed
         assert "cirr/R@1" in json.loads((out / "metrics.json").read_text())

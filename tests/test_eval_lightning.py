@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import coalign
+from coalign.callbacks import RetrievalReport
 from coalign.cli import main
-from coalign.datamodules import CIRRDataModule, FashionIQDataModule
-from coalign.evaluation import CIRREvaluator
+from coalign.commands.evaluate import check_submission_command
+from coalign.datamodules import CIRREvaluator, CIRRDataModule, FashionIQDataModule
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from make_fake_benchmarks import make_cirr, make_fashioniq  # noqa: E402
@@ -33,23 +34,33 @@ def _trainer() -> L.Trainer:
 
 
 def test_evaluate_command_with_a_registered_model(cirr_root, tmp_path, capsys):
-    argv = ["evaluate", "--model", "coalign_tiny", "--random-init", "--benchmark", "cirr", "--root", str(cirr_root)]
-    assert main([*argv, "--split", "val", "--output-dir", str(tmp_path), "--num-workers", "0", "--no-progress"]) == 0
+    data = ["--data", "CIRRDataModule", "--data.root", str(cirr_root)]
+    argv = ["evaluate", "--model", "coalign_tiny", "--random_init", "true", *data]
+    assert main([*argv, "--split", "val", "--output_dir", str(tmp_path), "--progress", "false"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["protocol/model"] == "coalign_tiny" and 0 <= metrics["cirr/Avg"] <= 100
-    assert main(["evaluate", "--model", "coalign_tiny", "--benchmark", "cirr", "--root", str(cirr_root),
-                 "--output-dir", str(tmp_path)]) == 2  # fmt: skip
-    assert "--random-init" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "coalign_tiny", *data, "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "random_init" in err and len(err.strip().splitlines()) == 1  # one line, no traceback
 
 
 def test_validate_and_test_loops_match_evaluate(cirr_root, tmp_path):
     torch.manual_seed(0)
     model = coalign.create_model("coalign_tiny")
     expected = coalign.evaluation.evaluate(model, CIRRDataModule(cirr_root, batch_size=5), "val", progress=False)
-    _trainer().validate(model, datamodule=CIRRDataModule(cirr_root, batch_size=4))
-    assert model.last_eval["metrics"] == pytest.approx(expected.metrics)
-    _trainer().test(model, datamodule=CIRRDataModule(cirr_root, batch_size=4))  # test1: rankings only
-    assert model.last_eval["split"] == "test1" and model.last_eval["metrics"] == {}
+    data = CIRRDataModule(cirr_root, batch_size=4)
+    data.connect(model.preprocess)
+    _trainer().validate(model, datamodule=data)
+    assert model.last_evaluation.metrics == pytest.approx(expected.metrics)
+    assert set(model.last_evaluation.upload_files) == {"cirr_val_recall.json", "cirr_val_recall_subset.json"}
+    _trainer().test(model, datamodule=data)  # test1: rankings only
+    assert model.last_evaluation.split == "test1" and model.last_evaluation.metrics == {}
+
+
+def test_a_datamodule_that_was_never_connected_says_so(cirr_root):
+    model = coalign.create_model("coalign_tiny")
+    with pytest.raises(RuntimeError, match=r"connect\(model.preprocess\)"):
+        _trainer().validate(model, datamodule=CIRRDataModule(cirr_root, batch_size=4))
 
 
 @pytest.mark.slow
@@ -57,10 +68,11 @@ def test_fit_on_fashioniq_train_split(tmp_path):
     root = make_fashioniq(tmp_path / "fiq", gallery=12, queries=4)
     dm = FashionIQDataModule(root, categories=["dress"], batch_size=4)
     model = coalign.create_model("coalign_tiny")
+    dm.connect(model.preprocess)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 2 and "fashioniq/dress/R@10" in model.last_eval["metrics"]
+    assert trainer.global_step == 2 and "fashioniq/dress/R@10" in model.last_evaluation.metrics
 
 
 # -- DDP: two CPU (gloo) processes give the single-process numbers -------------------------------------------
@@ -110,14 +122,13 @@ def test_two_ranks_match_one_process():
 
 
 def test_coalign_test_writes_the_upload_files(cirr_root, tmp_path):
-    from coalign.callbacks import RetrievalReport
-    from coalign.evaluation.commands import check_submission_command
-
     model = coalign.create_model("coalign_tiny")
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[RetrievalReport(output_dir=str(tmp_path))])  # fmt: skip
-    trainer.test(model, datamodule=CIRRDataModule(cirr_root, batch_size=4))  # test1: no labels
+    data = CIRRDataModule(cirr_root, batch_size=4)
+    data.connect(model.preprocess)
+    trainer.test(model, datamodule=data)  # test1: no labels
     assert not (tmp_path / "metrics.json").exists()
     for name in ("cirr_test1_recall.json", "cirr_test1_recall_subset.json"):
-        argv = [str(tmp_path / name), "--benchmark", "cirr", "--root", str(cirr_root), "--split", "test1"]
+        argv = [str(tmp_path / name), "--data", "CIRRDataModule", "--data.root", str(cirr_root), "--split", "test1"]
         assert check_submission_command(argv) == 0

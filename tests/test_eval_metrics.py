@@ -7,7 +7,8 @@ import torch
 from _eval_fakes import FakeCIRModel
 
 from coalign import TargetFeatures
-from coalign.evaluation import CIRCOEvaluator, CIRREvaluator, FashionIQEvaluator, Gallery, encode_gallery, rank
+from coalign.datamodules import CIRCOEvaluator, CIRREvaluator, FashionIQEvaluator
+from coalign.evaluation import Gallery, TargetRecall, encode_gallery, evaluation_step, rank
 from coalign.evaluation.cache import cached_gallery
 
 G60 = [f"g{i}" for i in range(60)]
@@ -225,16 +226,33 @@ def test_rerank_reorders_only_the_head():
     assert torch.equal(reranked[:, :5], plain[:, :5].flip(1)) and torch.equal(reranked[:, 5:], plain[:, 5:])
 
 
-def test_evaluation_step_feeds_ids_to_other_evaluators():
-    from coalign.evaluation import evaluation_step
-    from coalign.evaluation.recall import TargetRecall
-
+def test_evaluation_step_drives_target_recall_like_any_evaluator():
     model, gallery = FakeCIRModel(), _gallery(n=30, k=2)
     batch = {"reference": torch.randn(2, 3, 8, 8), "text": ["a", "b"], "reference_id": ["x0", "x1"]}
     batch |= {"target_id": ["x2", "x3"], "index": torch.arange(2)}
-    recall = TargetRecall(ks=(1, 30), exclude_reference=True)
-    evaluation_step(model, batch, gallery, recall)
+    recall = TargetRecall(gallery.ids, ks=(1, 30), exclude_reference=True)
+    recall.check_gallery(gallery.ids)
+    index, _ = evaluation_step(model, batch, gallery, recall)
     assert recall.compute()["R@30"] == 100.0
+    assert all(len(r) == 29 and ref not in r for r, ref in zip(recall.rankings().values(), ["x0", "x1"]))
     ev = CIRCOEvaluator([f"y{i}" for i in range(30)], has_labels=False)
     with pytest.raises(ValueError, match="not encoded from this evaluator's split"):
-        evaluation_step(model, batch, gallery, ev)
+        ev.check_gallery(gallery.ids)
+    with pytest.raises(ValueError, match="not encoded from this evaluator's split"):
+        recall.check_gallery(gallery.ids[::-1])
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric TargetRecall was called before")
+def test_target_recall_golden_names_or_positions():
+    names = [f"t{i}" for i in range(12)]
+    batch = {"reference_id": ["t0", "t1", "t2"], "target_id": ["t3", "t9", "nope"], "index": torch.arange(3)}
+    ranked = [names[2:] + names[:2]] * 2 + [names[::-1]]  # t3 2nd, t9 8th, a target outside the gallery
+    by_names = TargetRecall(names, ks=(1, 2, 8), prefix="shapes/")
+    by_names.update(batch, ranked)
+    by_positions = TargetRecall(names, ks=(1, 2, 8), prefix="shapes/")
+    by_positions.update(batch, torch.tensor([[names.index(n) for n in row] for row in ranked]))
+    expected = {"shapes/R@1": 0.0, "shapes/R@2": 100 / 3, "shapes/R@8": 200 / 3}
+    assert by_names.compute() == pytest.approx(expected) and by_positions.compute() == by_names.compute()
+    assert by_names.rankings()[0] == names[2:10] and by_names.top_k == 8
+    with pytest.raises(ValueError, match="before any update"):
+        TargetRecall(names).compute()

@@ -11,9 +11,10 @@ from PIL import Image
 import coalign.index as index_module
 from coalign import CoAlign, Index, create_model
 from coalign._features import TargetFeatures
-from coalign.cli import main
+from coalign.commands.search import index_command, search_command
+from coalign.evaluation.topk import chunked_topk
 from coalign.heads.base import max_over_embeddings
-from coalign.index import exact_search, list_images
+from coalign.index import list_images
 
 TEXT = "make the square red"
 
@@ -134,15 +135,15 @@ def test_multi_vector_targets_rank_by_their_best_vector(photos, tmp_path, monkey
 
 
 @pytest.mark.parametrize("vectors", [1, 4])
-def test_exact_search_in_chunks_equals_one_big_topk(vectors):
+def test_chunked_topk_in_chunks_equals_one_big_topk(vectors):
     torch.manual_seed(1)
     database = F.normalize(torch.randn(1000, vectors, 16), dim=-1).squeeze(1)
     queries = F.normalize(torch.randn(7, 16), dim=-1)
-    scores, index = exact_search(queries, database, k=10, chunk_rows=64)
+    scores, index = chunked_topk(queries, database, k=10, chunk_rows=64)
     full = max_over_embeddings(queries, database).topk(10)
     assert torch.equal(index, full.indices)
     torch.testing.assert_close(scores, full.values)
-    scores, index = exact_search(queries, database, k=10, similarity=max_over_embeddings, chunk_rows=333)
+    scores, index = chunked_topk(queries, database, k=10, similarity=max_over_embeddings, chunk_rows=333)
     assert torch.equal(index, full.indices)
 
 
@@ -167,15 +168,15 @@ def test_an_index_refuses_another_model(photos, tmp_path):
 
 def test_index_and_search_commands(photos, tmp_path, capsys):
     out = tmp_path / "photos.index"
-    assert main(["index", "--model", "coalign_tiny", "--images", str(photos), "--output", str(out),
-                 "--num-workers", "0", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert index_command(["--model", "coalign_tiny", "--images", str(photos), "--output", str(out),
+                          "--num_workers", "0", "--progress", "false", "--device", "cpu"]) == 0  # fmt: skip
     captured = capsys.readouterr()
     assert "indexed 14 images" in captured.out
     assert "skipped 1 unreadable" in captured.err and "broken.jpg" in captured.err
     assert "note: coalign_tiny has no published weights" in captured.err
     picture = tmp_path / "results.png"
-    args = ["search", "--index", str(out), "--image", str(photos / "img01.png"), "--text", TEXT, "-k", "4"]
-    assert main([*args, "--output", str(picture), "--device", "cpu"]) == 0
+    args = ["--index", str(out), "--image", str(photos / "img01.png"), "--text", TEXT, "--top_k", "4"]
+    assert search_command([*args, "--output", str(picture), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     ranked = [line.split() for line in lines[1:5]]
     assert [r[0] for r in ranked] == ["1", "2", "3", "4"] and all(
@@ -186,10 +187,10 @@ def test_index_and_search_commands(photos, tmp_path, capsys):
     # another model: said so, exit code 2
     other = tmp_path / "other_model"
     _tiny(3).save_pretrained(other)
-    assert main([*args, "--model", str(other), "--device", "cpu"]) == 2
+    assert search_command([*args, "--model", str(other), "--device", "cpu"]) == 2
     assert "built by another model" in capsys.readouterr().err
-    assert main(["search", "--index", str(tmp_path / "nowhere"), "--image", "x.png", "--text", "t"]) == 2
+    assert search_command(["--index", str(tmp_path / "nowhere"), "--image", "x.png", "--text", "t", "-k", "3"]) == 2
     assert "not a coalign index" in capsys.readouterr().err
-    for command in ("index", "search"):
-        assert main([command, "--help"]) == 0
+    for command in (index_command, search_command):
+        assert command(["--help"]) == 0
         assert "examples:" in capsys.readouterr().out

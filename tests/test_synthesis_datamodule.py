@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from coalign.datamodules import CIRHSDataModule
 from coalign.datamodules.base import EpochSequentialSampler, GroupedBatchSampler
-from coalign.synthesis._io import read_jsonl
+from coalign.io import read_jsonl
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

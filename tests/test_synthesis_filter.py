@@ -8,8 +8,9 @@ import torch
 from _tiny_synthesis import baseline_dataset, copy_dataset, dataset_fingerprint, run_tiny, tiny_config
 from PIL import Image
 
+from coalign.io import read_json, read_jsonl
 from coalign.synthesis import ImageCheck, ModelSpec, PairInput
-from coalign.synthesis._io import item_path, read_json, read_jsonl
+from coalign.synthesis._io import item_path
 from coalign.synthesis.clip_filter import CLIPScoreFilter, clip_scores
 from coalign.synthesis.config import ClipFilterConfig, ImageCheckConfig, JudgeConfig
 from coalign.synthesis.filter import load_scores

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import signal
 import socket
@@ -23,9 +25,9 @@ from _tiny_synthesis import (
     tiny_config,
 )
 
-from coalign.synthesis import DATASET_FILES, synthesize_command
-from coalign.synthesis._io import read_json, read_jsonl
-from coalign.synthesis.cli import build_parser
+from coalign.io import read_json, read_jsonl
+from coalign.synthesis import DATASET_FILES, SynthesisConfig, synthesize_command
+from coalign.synthesis.cli import build_parser, synthesize
 from coalign.synthesis.filter import FilterStage
 from coalign.synthesis.prompts import PromptsStage
 from coalign.synthesis.render import RenderStage
@@ -202,6 +204,22 @@ def test_help_lists_stages_and_config_options(capsys):
     text = capsys.readouterr().out
     for option in ("--stage", "--devices", "--prompts.num_quadruples", "--render.strategy", "--push_to_hub"):
         assert option in text
+
+
+def test_every_config_field_is_an_option_of_the_command():
+    params = inspect.signature(synthesize).parameters
+    assert {f.name for f in dataclasses.fields(SynthesisConfig)} <= set(params)
+    for f in dataclasses.fields(SynthesisConfig):  # the command's defaults are the config's
+        assert params[f.name].default == getattr(SynthesisConfig(), f.name)
+
+
+def test_a_user_error_is_one_line_with_exit_code_2(tmp_path, capsys):
+    argv = ["--config", str(TINY_CONFIG), "--output", str(tmp_path), "--stage", "render", "--accelerator", "cpu"]
+    argv += ["--progress", "false"]
+    assert synthesize_command(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coalign synthesize: error: ") and "run the prompts stage first" in err
+    assert "Traceback" not in err
 
 
 def test_resuming_with_different_settings_is_refused(tmp_path):

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from _tiny_synthesis import tiny_config
 
+from coalign.io import read_json
 from coalign.synthesis import QuadrupleError, RunContext, parse_quadruple
-from coalign.synthesis._io import derive_seed, item_path, list_failures, read_json
+from coalign.synthesis._io import derive_seed, item_path, list_failures
 from coalign.synthesis.config import PromptsConfig, Taxonomy
 from coalign.synthesis.llm import ChatLLM
 from coalign.synthesis.prompts import PromptsStage, finalize_prompts

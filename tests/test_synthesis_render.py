@@ -7,8 +7,9 @@ import pytest
 from _tiny_synthesis import tiny_config
 from PIL import Image
 
+from coalign.io import read_json, write_jsonl
 from coalign.synthesis import RunContext, split_composite
-from coalign.synthesis._io import item_path, read_json, write_jsonl
+from coalign.synthesis._io import item_path
 from coalign.synthesis.render import RenderStage, diptych_prompt
 from coalign.synthesis.runner import run_stage
 

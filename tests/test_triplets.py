@@ -103,7 +103,7 @@ def _tiny_model() -> CoAlign:
     """The architecture finetune_custom.yaml gets with the test's --model overrides."""
     # max_length 32: jsonargparse keeps the BLIP-2 init_args that TinyBackbone also accepts
     backbone = TinyBackbone(channels=8, embed_dim=32, token_dim=16, text_layers=1, max_length=32)
-    return CoAlign(backbone, ContextualAlignmentHead(beta=0.1), TokenReasoningHead(token_dim=16, top_k=8),
+    return CoAlign(backbone, ContextualAlignmentHead(beta=0.1), TokenReasoningHead(top_k=8),
                    target_pad_ratio=1.25)  # fmt: skip
 
 
@@ -121,7 +121,7 @@ def test_finetune_custom_from_a_checkpoint_then_publish(tmp_path, monkeypatch):
             "--model.init_from", str(start), "--model.backbone", "coalign.backbones.TinyBackbone",
             "--model.backbone.init_args.channels", "8", "--model.backbone.init_args.embed_dim", "32",
             "--model.backbone.init_args.token_dim", "16", "--model.backbone.init_args.text_layers", "1",
-            "--model.local_head.init_args.token_dim", "16", "--trainer.accelerator", "cpu",
+            "--trainer.accelerator", "cpu",
             "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run),
             "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):

@@ -119,6 +119,7 @@ class HFTokenizerMixin:
     def get_tokenizer(self) -> Any:
         """The tokenizer, loading it with ``AutoTokenizer.from_pretrained(tokenizer_source)`` on first use."""
         if self._tokenizer is None:
+            # transformers' model classes cost seconds to import: only when this backbone is built
             from transformers import AutoTokenizer
 
             try:
@@ -167,6 +168,7 @@ class HFTokenizerMixin:
         """Use the tokenizer saved by :meth:`save_assets` in ``directory``, if there is one."""
         folder = Path(directory) / TOKENIZER_DIR
         if folder.is_dir():
+            # transformers' model classes cost seconds to import: only when this backbone is built
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -127,7 +127,10 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
         max_length: int = 32,
     ):
         super().__init__()
+        # transformers' model classes cost seconds to import: only when this backbone is built
         from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
+
+        # transformers' model classes cost seconds to import: only when this backbone is built
         from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
         if config is None:
@@ -223,6 +226,7 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
 
     def load_pretrained(self) -> None:
         """Load ``Blip2ForImageTextRetrieval.from_pretrained(model_name)`` weights (hub id or local folder)."""
+        # transformers' model classes cost seconds to import: only when this backbone is built
         from transformers import Blip2ForImageTextRetrieval
 
         hf_model = load_hf_model(Blip2ForImageTextRetrieval, self.model_name, like=self)

@@ -122,6 +122,7 @@ class CLIPBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
         max_length: int = 77,
     ):
         super().__init__()
+        # transformers' model classes cost seconds to import: only when this backbone is built
         from transformers import CLIPConfig, CLIPTextModel, CLIPVisionModel
 
         if config is None:
@@ -200,6 +201,7 @@ class CLIPBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
 
         The composer keeps its own initialisation: CLIP has no composer to load.
         """
+        # transformers' model classes cost seconds to import: only when this backbone is built
         from transformers import CLIPModel
 
         hf_model = load_hf_model(CLIPModel, self.model_name, like=self)

@@ -1,12 +1,12 @@
 """Evaluation: gallery encoding, ranking, benchmark metrics and submission files."""
 
 from .cache import cached_gallery
-from .engine import Gallery, encode_gallery, encode_query_batch, evaluation_step, rank
-from .metrics import CIRCOEvaluator, CIRREvaluator, FashionIQEvaluator, RetrievalEvaluator
+from .engine import EvaluationTask, Gallery, encode_gallery, encode_query_batch, evaluation_step, rank
+from .evaluator import RetrievalEvaluator, TargetRecall
 from .runner import EvaluationResult, evaluate, format_table, write_results
-from .submission import check_submission
 
 __all__ = [
+    "EvaluationTask",
     "Gallery",
     "encode_gallery",
     "encode_query_batch",
@@ -14,12 +14,9 @@ __all__ = [
     "rank",
     "cached_gallery",
     "RetrievalEvaluator",
-    "FashionIQEvaluator",
-    "CIRREvaluator",
-    "CIRCOEvaluator",
+    "TargetRecall",
     "EvaluationResult",
     "evaluate",
     "format_table",
     "write_results",
-    "check_submission",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .._features import TargetFeatures
+from ..io import atomic_path
 from .engine import Gallery, encode_gallery
 
 __all__ = ["model_fingerprint", "gallery_fingerprint", "cache_key", "load_gallery", "save_gallery", "cached_gallery"]
@@ -69,11 +69,9 @@ def cache_key(model_fp: str, gallery_fp: str, dtype: torch.dtype | None) -> str:
 
 def save_gallery(path: Path, gallery: Gallery, key: str) -> None:
     """Write ``gallery`` to ``path`` atomically (a crash leaves no half-written cache behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tensors = {"embedding": gallery.features.embedding.contiguous(), "tokens": gallery.features.tokens.contiguous()}
-    save_file(tensors, str(tmp), metadata={"key": key, "ids": json.dumps(gallery.ids)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, "ids": json.dumps(gallery.ids)})
 
 
 def load_gallery(path: Path, key: str, ids: Sequence[str] | None = None) -> Gallery | None:

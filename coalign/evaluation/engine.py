@@ -1,9 +1,8 @@
-"""Gallery encoding and chunked ranking, shared by ``CoAlign.validation_step``, ``coalign evaluate`` and search.
+"""Gallery encoding and ranking, shared by ``CoAlign``'s validation and test steps and ``coalign evaluate``.
 
 The gallery is encoded once per run into preallocated CPU tensors (no second copy at the end) and stays on
-the CPU; ranking moves only its global embeddings to the queries' device, one chunk at a time, and merges
-running top-k lists. Chunks are sized so the score block of one chunk stays under a memory budget, so
-CIRCO's 123,403-image gallery ranks on one GPU (or a laptop) without running out of memory.
+the CPU; ranking is :func:`~coalign.evaluation.topk.chunked_topk` over its global embeddings (the same top-k
+as ``coalign search``), followed by the local head's re-ranking of the head of each list.
 
 :func:`evaluation_step` is THE per-batch evaluation: encode the batch's queries, rank, update the benchmark
 evaluator. The LightningModule's validation/test steps and ``coalign evaluate`` both call it, so they give the
@@ -12,8 +11,9 @@ same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._features import QueryFeatures, TargetFeatures
+from .evaluator import RetrievalEvaluator
+from .topk import chunked_topk
 
-__all__ = ["Gallery", "encode_gallery", "rank", "evaluation_step", "encode_query_batch", "average_queries"]
-
-#: bytes the fp32 score block of one (query chunk x gallery chunk x K) may take
-SCORE_BUDGET = 256 * 2**20
+__all__ = [
+    "Gallery",
+    "EvaluationTask",
+    "EvaluationOutcome",
+    "encode_gallery",
+    "rank",
+    "evaluation_step",
+    "encode_query_batch",
+    "average_queries",
+]
 
 
 @dataclass
@@ -82,12 +90,6 @@ def encode_gallery(model, loader: Iterable[dict], progress: bool = True, dtype: 
     return Gallery(ids, features)
 
 
-def _rows_per_chunk(n_queries: int, k_vectors: int, chunk_size: int | None) -> int:
-    if chunk_size:
-        return chunk_size
-    return max(256, SCORE_BUDGET // (4 * max(1, n_queries) * max(1, k_vectors)))
-
-
 @torch.no_grad()
 def rank(
     model,
@@ -107,7 +109,7 @@ def rank(
         gallery: encoded gallery (CPU); only its global embeddings move, chunk by chunk.
         k: list length; capped at the gallery size (minus one when excluding).
         exclude_ids: per query, a gallery id to remove from its ranking (the reference image), or None.
-        chunk_size: gallery rows per chunk; None sizes chunks to keep the score block under ``SCORE_BUDGET``.
+        chunk_size: gallery rows per chunk; None sizes chunks by ``topk.SCORE_BUDGET``.
         query_chunk_size: queries ranked together (bounds the score block for large query sets).
 
     Returns:
@@ -118,50 +120,22 @@ def rank(
     excluded = None
     if exclude_ids is not None:
         excluded = torch.tensor([gallery.position.get(e, -1) if e is not None else -1 for e in exclude_ids])
-    n = len(gallery)
-    limit = min(k, n - (1 if excluded is not None and bool((excluded >= 0).any()) else 0))
+    rerank_k = int(getattr(model, "rerank_top_k", 0) or 0) if getattr(model, "local_head", None) is not None else 0
+    keep = max(k, rerank_k)
+    limit = min(k, len(gallery) - (1 if excluded is not None and bool((excluded >= 0).any()) else 0))
     indices, scores = [], []
     for q0 in range(0, len(queries), query_chunk_size):
         part = queries[q0 : q0 + query_chunk_size]
         ex = None if excluded is None else excluded[q0 : q0 + query_chunk_size]
-        index, score = _rank_chunk(model, part, gallery, k, ex, chunk_size)
+        top = chunked_topk(part.embedding, gallery.features.embedding, keep, model.similarity, ex, chunk_size)
+        index, score = top.indices, top.values
+        if rerank_k:
+            head_index, head_scores = model.rerank(part, gallery.features, index[:, :rerank_k], score[:, :rerank_k])
+            index = torch.cat([head_index.to(index.device), index[:, rerank_k:]], dim=1)
+            score = torch.cat([head_scores.to(score.device).float(), score[:, rerank_k:]], dim=1)
         indices.append(index[:, :limit].cpu())
         scores.append(score[:, :limit].cpu())
     return torch.cat(indices), torch.cat(scores)
-
-
-def _rank_chunk(model, queries: QueryFeatures, gallery: Gallery, k: int, excluded, chunk_size):
-    n = len(gallery)
-    rerank_k = int(getattr(model, "rerank_top_k", 0) or 0) if getattr(model, "local_head", None) is not None else 0
-    keep = min(max(k, rerank_k), n)
-    device, dtype = queries.embedding.device, queries.embedding.dtype
-    embedding = gallery.features.embedding
-    rows = _rows_per_chunk(len(queries), embedding.shape[1] if embedding.dim() == 3 else 1, chunk_size)
-    best_scores = torch.full((len(queries), 0), float("-inf"), device=device)
-    best_index = torch.zeros((len(queries), 0), dtype=torch.long, device=device)
-    local_excluded = None if excluded is None else excluded.to(device)
-    for start in range(0, n, rows):
-        chunk = embedding[start : start + rows].to(device, dtype)  # tokens stay put: only re-ranking reads them
-        chunk_scores = model.similarity(queries.embedding, chunk).float()
-        del chunk
-        if local_excluded is not None:
-            local = local_excluded - start
-            hit = torch.nonzero((local >= 0) & (local < chunk_scores.shape[1])).flatten()
-            chunk_scores[hit, local[hit]] = float("-inf")
-        index = torch.arange(start, start + chunk_scores.shape[1], device=device).expand_as(chunk_scores)
-        all_scores = torch.cat([best_scores, chunk_scores], dim=1)
-        all_index = torch.cat([best_index, index], dim=1)
-        del chunk_scores, index
-        top = all_scores.topk(min(keep, all_scores.shape[1]), dim=1)
-        best_scores, best_index = top.values, all_index.gather(1, top.indices)
-        del all_scores, all_index, top
-    if rerank_k:
-        head_index, head_scores = model.rerank(
-            queries, gallery.features, best_index[:, :rerank_k], best_scores[:, :rerank_k]
-        )
-        best_index = torch.cat([head_index.to(device), best_index[:, rerank_k:]], dim=1)
-        best_scores = torch.cat([head_scores.to(device).float(), best_scores[:, rerank_k:]], dim=1)
-    return best_index, best_scores
 
 
 def average_queries(parts: Sequence[QueryFeatures]) -> QueryFeatures:
@@ -182,34 +156,64 @@ def encode_query_batch(model, batch: dict, text_keys: Sequence[str] = ("text",))
 
 
 @torch.no_grad()
-def evaluation_step(model, batch: dict, gallery: Gallery, evaluator) -> tuple[Tensor, Tensor]:
+def evaluation_step(model, batch: dict, gallery: Gallery, evaluator: RetrievalEvaluator) -> tuple[Tensor, Tensor]:
     """Evaluate one query batch: encode, rank against ``gallery``, update ``evaluator``.
 
     Args:
         model: a ``CoAlign`` (``encode_queries``, ``similarity``, ``device``).
-        batch: a query batch of a benchmark DataModule (``reference``, ``text``, ``reference_id``, labels).
-        gallery: the split's encoded gallery, in the order of ``evaluator.gallery_ids``.
+        batch: a query batch of a DataModule with a gallery (``reference``, ``text``, ``reference_id``, labels).
+        gallery: the split's encoded gallery; check it once with ``evaluator.check_gallery(gallery.ids)``.
         evaluator: from ``datamodule.build_evaluator(split)``.
 
     Returns:
         ``(indices, scores)`` of the ranking (gallery positions, CPU), e.g. to show examples.
     """
-    # benchmark evaluators take gallery positions (no 100k-string lists per batch); any other evaluator of the
-    # base contract (e.g. TargetRecall) gets gallery ids
-    takes_positions = hasattr(evaluator, "gallery_ids") and hasattr(evaluator, "query_text_keys")
-    if takes_positions and getattr(evaluator, "_gallery_checked", None) is not gallery:
-        if gallery.ids != evaluator.gallery_ids:
-            raise ValueError("the gallery was not encoded from this evaluator's split (ids or order differ)")
-        evaluator._gallery_checked = gallery
-    keys = tuple(getattr(evaluator, "query_text_keys", ("text",)))
+    keys = evaluator.query_text_keys
     queries = encode_query_batch(model, batch, keys)
     exclude = [str(r) for r in batch["reference_id"]] if evaluator.exclude_reference else None
     index, scores = rank(model, queries, gallery, k=evaluator.top_k, exclude_ids=exclude)
     device = queries.embedding.device
-    if hasattr(evaluator, "to") and getattr(evaluator, "device", device) != device:
+    if evaluator.device != device:
         evaluator.to(device)  # DDP syncs metric states on the model's device (NCCL needs CUDA tensors)
-    if takes_positions:
-        evaluator.update(batch, index, scores, query_text_keys=keys)
-    else:
-        evaluator.update(batch, [[gallery.ids[i] for i in row] for row in index.tolist()], scores)
+    evaluator.update(batch, index, scores, query_text_keys=keys)
     return index, scores
+
+
+@dataclass
+class EvaluationTask:
+    """What a DataModule hands the model to evaluate one split against its gallery
+    (``CIRDataModule.evaluation_task``).
+
+    Attributes:
+        split: the split's name (``"val"``, ``"test1"``, ...).
+        gallery: loader of gallery batches ``{"image", "image_id"}`` in a fixed order.
+        evaluator: a fresh evaluator of the split.
+        upload_files: turns the finished evaluator into the benchmark's upload files (file name -> JSON object).
+    """
+
+    split: str
+    gallery: Any
+    evaluator: RetrievalEvaluator
+    upload_files: Callable[[RetrievalEvaluator], dict[str, dict]] = lambda evaluator: {}
+
+
+@dataclass
+class EvaluationOutcome:
+    """The result of one validation or test run, as ``CoAlign.last_evaluation`` hands it to callbacks.
+
+    Attributes:
+        stage: ``"val"`` or ``"test"``.
+        split: the evaluated split.
+        metrics: percentages keyed like ``"cirr/R@1"`` (empty for a split without labels).
+        examples: the first queries with their ranked gallery ids (``reference``, ``text``, ``target_id``,
+            ``ranked_ids``), for pictures.
+        upload_files: the rankings in the benchmark's upload formats (file name -> JSON object).
+        gallery_images: the gallery dataset (items ``{"image", "image_id"}``), to draw results.
+    """
+
+    stage: str
+    split: str
+    metrics: dict[str, float]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    upload_files: dict[str, dict] = field(default_factory=dict)
+    gallery_images: Any = None

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_json, format_table
 from .cache import cached_gallery
 from .engine import evaluation_step
 
-__all__ = ["EvaluationResult", "evaluate", "write_results", "format_table"]
+__all__ = ["EvaluationResult", "evaluate", "write_results", "result_table"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,8 +56,8 @@ def evaluate(
     Args:
         model: a ``CoAlign`` (or anything with ``encode_queries``, ``encode_targets``, ``similarity``,
             ``device``, ``preprocess``), already on its device.
-        datamodule: a FashionIQ / CIRR / CIRCO DataModule; its ``image_transform`` defaults to
-            ``model.preprocess``.
+        datamodule: a FashionIQ / CIRR / CIRCO DataModule (any ``BenchmarkDataModule``); it is connected to
+            ``model.preprocess`` unless it was given its own ``image_transform``.
         split: the split to evaluate (e.g. ``"val"``, ``"test1"``).
         output_dir: where to write ``metrics.json`` (labelled splits) and the ranking files; None writes nothing.
         cache_dir: folder for gallery feature caches (safetensors); None encodes without caching.
@@ -69,8 +70,7 @@ def evaluate(
         raise ValueError(f"gallery_dtype must be one of {', '.join(_DTYPES)}, got {gallery_dtype!r}")
     # parse annotations and check every image before anything is encoded
     data = datamodule.prepare_split(split)
-    if datamodule.image_transform is None:
-        datamodule.image_transform = model.preprocess
+    datamodule.connect(model.preprocess)
     was_training = model.training
     model.eval()
     try:
@@ -86,6 +86,7 @@ def evaluate(
             progress=progress,
         )
         evaluator = datamodule.build_evaluator(split)
+        evaluator.check_gallery(gallery.ids)
         loader = datamodule.query_dataloader(split)
         for batch in tqdm(loader, desc=f"ranking {datamodule.benchmark} {split} queries", disable=not progress):
             evaluation_step(model, batch, gallery, evaluator)
@@ -117,25 +118,16 @@ def _describe(transform) -> str:
 def write_results(result: EvaluationResult, output_dir: str | Path, has_labels: bool = True) -> list[Path]:
     """Write ``metrics.json`` (labelled splits only: a test split has no metrics) and every ranking file."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     if has_labels:
-        path = out / "metrics.json"
-        path.write_text(json.dumps({**result.metrics, **result.protocol}, indent=2) + "\n")
-        written.append(path)
+        atomic_write_json(out / "metrics.json", {**result.metrics, **result.protocol}, indent=2)
+        written.append(out / "metrics.json")
     for name, obj in result.rankings.items():
-        path = out / name
-        # compact separators: the servers cap uploads at 5 MB
-        path.write_text(json.dumps(obj, separators=(",", ":")))
-        written.append(path)
+        atomic_write_json(out / name, obj, compact=True)  # compact: the servers cap uploads at 5 MB
+        written.append(out / name)
     return written
 
 
-def format_table(result: EvaluationResult) -> str:
+def result_table(result: EvaluationResult) -> str:
     """The metrics as a two-column text table, followed by the protocol options."""
-    rows = [(k, f"{v:6.2f}") for k, v in result.metrics.items()]
-    rows += [(k, str(v)) for k, v in result.protocol.items()]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 6}"]
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+    return format_table(result.metrics, extra=result.protocol)

@@ -1,37 +1,26 @@
-"""Rankings in the official upload formats, and a checker that judges a file as the test servers do.
+"""Benchmark-agnostic pieces of the upload files: limits, the per-query ranking lookup and the checker's parts.
 
-Formats (one JSON object per file):
-
-* CIRR: ``{"version": "rc2", "metric": "recall", "<pairid>": [top-50 names]}`` and the same with
-  ``"metric": "recall_subset"`` and the top 3 of the image set; every pairid present, reference excluded,
-  at most 5 MB.
-* CIRCO: ``{"<query id>": [50 unique int image ids]}`` for every query; one duplicate rejects the file.
-* FashionIQ (no server; the same shape for other tools): ``{"<index in cap.<cat>.<split>.json>": [top-50 names]}``.
+Each benchmark's upload format, its file writer and its checker live with its DataModule
+(``coalign.datamodules.cirr``, ``.circo``, ``.fashioniq``); ``BenchmarkDataModule.check_submission`` reads a
+file and judges it as the test server does. The pieces they share are here.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
-__all__ = [
-    "MAX_BYTES",
-    "cirr_ranking_files",
-    "circo_ranking_files",
-    "fashioniq_ranking_files",
-    "check_submission",
-    "check_cirr",
-    "check_circo",
-]
+__all__ = ["MAX_BYTES", "LIST_LENGTH", "ProblemReport", "check_list", "ranking_of"]
 
 #: the servers' size limit ("Maximum 5MB"); the decimal reading is the stricter one
 MAX_BYTES = 5_000_000
+#: entries per query in an upload list (the servers score Recall@50 / mAP@50)
 LIST_LENGTH = 50
 
 
-def _ranking_of(rankings: dict[int, list[str]], query: dict[str, Any]) -> list[str]:
+def ranking_of(rankings: dict[int, list[str]], query: dict[str, Any]) -> list[str]:
+    """The ranking of ``query`` (a split record with its ``index``) in an evaluator's ``rankings()``."""
     try:
         return rankings[query["index"]]
     except KeyError:
@@ -40,35 +29,8 @@ def _ranking_of(rankings: dict[int, list[str]], query: dict[str, Any]) -> list[s
         ) from None
 
 
-def fashioniq_ranking_files(data, rankings: dict[int, list[str]]) -> dict[str, dict]:
-    """``fashioniq_<category>_<split>.json``: caption-file index -> top-50 names, one file per category."""
-    files: dict[str, dict] = {f"fashioniq_{cat}_{data.split}.json": {} for cat in data.subsets}
-    for q in data.queries:
-        files[f"fashioniq_{q['category']}_{data.split}.json"][str(q["caption_index"])] = _ranking_of(rankings, q)[:50]
-    return files
-
-
-def cirr_ranking_files(data, rankings: dict[int, list[str]], subset_rankings: dict[int, list[str]]) -> dict[str, dict]:
-    """``cirr_<split>_recall.json`` (top 50) and ``cirr_<split>_recall_subset.json`` (top 3 of the set)."""
-    recall: dict[str, Any] = {"version": "rc2", "metric": "recall"}
-    subset: dict[str, Any] = {"version": "rc2", "metric": "recall_subset"}
-    for q in data.queries:
-        recall[str(q["pairid"])] = _ranking_of(rankings, q)[:50]
-        subset[str(q["pairid"])] = _ranking_of(subset_rankings, q)[:3]
-    return {f"cirr_{data.split}_recall.json": recall, f"cirr_{data.split}_recall_subset.json": subset}
-
-
-def circo_ranking_files(data, rankings: dict[int, list[str]]) -> dict[str, dict]:
-    """``circo_<split>.json``: query id -> 50 int image ids."""
-    return {
-        f"circo_{data.split}.json": {
-            str(q["query_id"]): [int(i) for i in _ranking_of(rankings, q)[:50]] for q in data.queries
-        }
-    }
-
-
-class _Report:
-    """Problems grouped by kind, so a file with 4,000 bad entries gives a readable report."""
+class ProblemReport:
+    """Problems of an upload file grouped by kind, so a file with 4,000 bad entries gives a readable report."""
 
     def __init__(self) -> None:
         self.by_kind: dict[str, list[str]] = defaultdict(list)
@@ -77,6 +39,7 @@ class _Report:
         self.by_kind[kind].append(detail)
 
     def lines(self, examples: int = 5) -> list[str]:
+        """One line per kind: ``"<kind>: <count> (e.g. <first examples>)"``; empty when nothing was found."""
         out = []
         for kind, details in self.by_kind.items():
             shown = [d for d in details if d][:examples]
@@ -85,7 +48,13 @@ class _Report:
         return out
 
 
-def _check_list(report: _Report, key: str, value: Any, length: int, allowed, kind_of_item: type) -> list | None:
+def check_list(
+    report: ProblemReport, key: str, value: Any, length: int, allowed: Collection, kind_of_item: type
+) -> list | None:
+    """Check one query's upload list: a list of ``length`` unique ``kind_of_item`` entries, all in ``allowed``.
+
+    Problems go to ``report``; returns the list, or None when it is not a list of ``kind_of_item``.
+    """
     if not isinstance(value, list):
         report.add("value is not a list", f"{key}: {type(value).__name__}")
         return None
@@ -104,74 +73,3 @@ def _check_list(report: _Report, key: str, value: Any, length: int, allowed, kin
             "names not in the gallery" if kind_of_item is str else "ids not in the gallery", f"{key}: {outside[0]!r}"
         )
     return value
-
-
-def check_cirr(obj: Any, data, size: int = 0) -> list[str]:
-    """Problems of a CIRR upload (``recall`` or ``recall_subset``) for the split ``data``; empty = accepted."""
-    report = _Report()
-    if size > MAX_BYTES:
-        report.add(f"file larger than {MAX_BYTES} bytes", str(size))
-    if not isinstance(obj, dict):
-        return [f"the file must hold one JSON object, got {type(obj).__name__}"]
-    if obj.get("version") != "rc2":
-        report.add('"version" is not "rc2"', repr(obj.get("version")))
-    metric = obj.get("metric")
-    if metric not in ("recall", "recall_subset"):
-        report.add('"metric" is not "recall" or "recall_subset"', repr(metric))
-    gallery = set(data.gallery_ids)
-    queries = {str(q["pairid"]): q for q in data.queries}
-    for key in obj.keys() - queries.keys() - {"version", "metric"}:
-        report.add(f"pairids not in {data.split}", key)
-    for key, q in queries.items():
-        if key not in obj:
-            report.add("missing pairids", key)
-            continue
-        ref = q["reference_id"]
-        if metric == "recall_subset":
-            members = [m for m in q["subset_members"] if m != ref]
-            value = _check_list(report, key, obj[key], min(3, len(members)), set(members) | {ref}, str)
-            if value is not None and any(v not in members and v != ref for v in value):
-                report.add("subset entries outside the query's image set", key)
-        else:
-            value = _check_list(report, key, obj[key], min(LIST_LENGTH, len(gallery) - 1), gallery, str)
-        if value is not None and ref in value:
-            report.add("reference image not excluded", key)
-    return report.lines()
-
-
-def check_circo(obj: Any, data, size: int = 0) -> list[str]:
-    """Problems of a CIRCO upload for the split ``data``; empty = accepted."""
-    report = _Report()
-    if size > MAX_BYTES:
-        report.add(f"file larger than {MAX_BYTES} bytes", str(size))
-    if not isinstance(obj, dict):
-        return [f"the file must hold one JSON object, got {type(obj).__name__}"]
-    gallery = {int(i) for i in data.gallery_ids}
-    queries = {str(q["query_id"]) for q in data.queries}
-    for key in obj.keys() - queries:
-        report.add(f"query ids not in {data.split}", key)
-    for key in sorted(queries, key=int):
-        if key not in obj:
-            report.add("missing query ids", key)
-        else:
-            _check_list(report, key, obj[key], min(LIST_LENGTH, len(gallery)), gallery, int)
-    return report.lines()
-
-
-def check_submission(path: str | Path, benchmark: str, root: str | Path, split: str) -> list[str]:
-    """Read an upload file and return every problem found (grouped by kind); an empty list means it passes."""
-    from coalign.datamodules import CIRCODataModule, CIRRDataModule
-
-    modules = {"cirr": CIRRDataModule, "circo": CIRCODataModule}
-    if benchmark not in modules:
-        raise ValueError(f"no test server checks {benchmark!r} files; valid benchmarks: {', '.join(modules)}")
-    data = modules[benchmark](root).split_data(split)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"submission file not found: {path}")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return [f"{path} is not valid JSON: {err}"]
-    check = check_cirr if benchmark == "cirr" else check_circo
-    return check(obj, data, size=path.stat().st_size)

@@ -99,7 +99,14 @@ class GlobalHead(Component, abc.ABC):
 
 
 class LocalHead(Component, abc.ABC):
-    """Local contextual reasoning over query and target tokens."""
+    """Local contextual reasoning over query and target tokens.
+
+    The head never needs the token width written into its config: ``CoAlign`` calls :meth:`bind` with its
+    backbone's ``token_dim`` once, right after building both, and a head creates its width-dependent layers there.
+    """
+
+    def bind(self, token_dim: int) -> None:
+        """Learn the backbone's token width D (called once by ``CoAlign``); create layers that depend on it."""
 
     def score(self, query: QueryFeatures, target: TargetFeatures) -> Tensor:
         """Local scores ``[Nq, Nt]`` of every query with every target."""

@@ -33,7 +33,8 @@ class TokenReasoningHead(LocalHead):
     model's masked-feature loss). At inference the head re-ranks the global top-K (see ``CoAlign.rerank``).
 
     Args:
-        token_dim: width D of the backbone's tokens.
+        token_dim: width D of the backbone's tokens; None (the usual case) takes it from the backbone when
+            ``CoAlign`` binds the head (see :meth:`LocalHead.bind`). Given, it must match the backbone.
         projection_dim: width of the projected tokens (None keeps D, with no projection).
         top_k: how many best-matching query tokens are averaged.
         mask_ratio: probability of hiding a query token during training.
@@ -43,7 +44,7 @@ class TokenReasoningHead(LocalHead):
 
     def __init__(
         self,
-        token_dim: int,
+        token_dim: int | None = None,
         projection_dim: int | None = None,
         top_k: int = 8,
         mask_ratio: float = 0.25,
@@ -58,12 +59,28 @@ class TokenReasoningHead(LocalHead):
         self.top_k = top_k
         self.mask_ratio = mask_ratio
         self.beta = beta
+        self.token_dim = token_dim
+        self.projection_dim = projection_dim
         self.projection: nn.Module = nn.Identity()
-        if projection_dim is not None:
-            self.projection = nn.Linear(token_dim, projection_dim, bias=False)
-            if projection_dim == token_dim:
-                nn.init.eye_(self.projection.weight)
+        if token_dim is not None:
+            self._build_projection(token_dim)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    def _build_projection(self, token_dim: int) -> None:
+        if self.projection_dim is not None:
+            self.projection = nn.Linear(token_dim, self.projection_dim, bias=False)
+            if self.projection_dim == token_dim:
+                nn.init.eye_(self.projection.weight)
+
+    def bind(self, token_dim: int) -> None:
+        if self.token_dim is None:
+            self.token_dim = token_dim
+            self._build_projection(token_dim)
+        elif self.token_dim != token_dim:
+            raise ValueError(
+                f"TokenReasoningHead was given token_dim={self.token_dim} but the backbone's tokens are {token_dim} "
+                "wide; leave token_dim out, the head takes it from the backbone"
+            )
 
     def _project(self, tokens: Tensor) -> Tensor:
         return F.normalize(self.projection(tokens), dim=-1)

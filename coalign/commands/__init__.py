@@ -1,0 +1,1 @@
+"""The tool commands of ``coalign`` (index, search, ...), each a typed function parsed by :mod:`coalign.command`."""
