@@ -23,14 +23,19 @@ printed as one line, ``coalign <tool>: error: ...``, with exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 __all__ = ["build_parser", "run_command", "UserError"]
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, keeping the line breaks of the description and the examples in the epilog."""
 
 
 class UserError(Exception):
@@ -62,6 +67,7 @@ def build_parser(
         prog=prog,
         description=description or doc.split("\n\n")[0],
         epilog=epilog,
+        formatter_class=_HelpFormatter,
         exit_on_error=True,
         default_env=False,
     )

@@ -30,7 +30,6 @@ import functools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -40,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from coalign.evaluation import EvaluationTask, RetrievalEvaluator
+from coalign.io import check_files_exist, load_image
 
 __all__ = [
     "CIRDataModule",
@@ -53,25 +53,6 @@ __all__ = [
 ]
 
 Transform = Callable[[Image.Image], Tensor]
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
-def check_files_exist(paths: Sequence[str | Path], what: str = "image") -> None:
-    """Raise one error listing how many files are missing and the first few, before any work starts."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        first = "\n  ".join(missing[:5])
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} files are missing, e.g.:\n  {first}")
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from coalign.evaluation._ranks import head, lookup_positions
 from coalign.evaluation.evaluator import RetrievalEvaluator
+from coalign.evaluation.ranks import head, lookup_positions
 from coalign.evaluation.submission import LIST_LENGTH, MAX_BYTES, ProblemReport, check_list, ranking_of
 
 from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from coalign.evaluation._ranks import BIG, head, lookup_positions, rank_lookup
 from coalign.evaluation.evaluator import RetrievalEvaluator
+from coalign.evaluation.ranks import BIG, head, lookup_positions, rank_lookup
 from coalign.evaluation.submission import LIST_LENGTH, MAX_BYTES, ProblemReport, check_list, ranking_of
 
 from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require

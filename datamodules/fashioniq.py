@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from coalign.evaluation._ranks import compact, head, lookup_positions
 from coalign.evaluation.evaluator import RetrievalEvaluator
+from coalign.evaluation.ranks import compact, head, lookup_positions
 from coalign.evaluation.submission import ranking_of
 
 from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require

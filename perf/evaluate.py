@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -30,7 +31,18 @@ from pathlib import Path
 
 import torch
 
+import coalign
+from coalign import QueryFeatures, TargetFeatures
+from coalign.backbones.clip import CLIP_ARCHITECTURES
+from coalign.datamodules import CIRRDataModule
+from coalign.datamodules.base import load_image
+from coalign.evaluation import Gallery, evaluate, rank
+from coalign.heads.base import max_over_embeddings
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "data")]  # the offline test helpers below
+from _tiny_hf import tiny_clip_tokenizer  # noqa: E402  (no network: the real tokenizer's vocabulary is not needed)
+from make_fake_benchmarks import make_cirr  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -40,9 +52,6 @@ def _rss_mb() -> float:
 
 def memory_child(n_gallery: int, n_queries: int, k_vectors: int, dim: int) -> None:
     """Run in a fresh process: allocate the gallery, rank, report peak memory as JSON."""
-    from coalign import QueryFeatures, TargetFeatures
-    from coalign.evaluation import Gallery, rank
-    from coalign.heads.base import max_over_embeddings
 
     class Scorer:  # what rank() needs of a model: the global similarity of GlobalHead
         similarity = staticmethod(max_over_embeddings)
@@ -74,14 +83,6 @@ def part_b(n_gallery: int = 123_403, n_queries: int = 4_181) -> dict:
 
 def _build_model(image_size: int, max_length: int):
     """``coalign_clip_vitb32`` with random weights, at ``image_size`` px, with an offline tiny CLIP tokenizer."""
-    import copy
-
-    import coalign
-    from coalign.backbones.clip import CLIP_ARCHITECTURES
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny_hf import tiny_clip_tokenizer  # no network: the real tokenizer's vocabulary is not needed
-
     config = copy.deepcopy(CLIP_ARCHITECTURES["openai/clip-vit-base-patch32"])
     config["vision_config"]["image_size"] = image_size
     model = coalign.create_model("coalign_clip_vitb32", config=config, max_length=max_length)
@@ -128,13 +129,6 @@ def _bare_encode(model, data, images: dict[str, torch.Tensor], batch_size: int) 
 
 
 def part_a(args) -> dict:
-    sys.path.insert(0, str(ROOT / "tests" / "data"))
-    from make_fake_benchmarks import make_cirr
-
-    from coalign.datamodules import CIRRDataModule
-    from coalign.datamodules.base import load_image
-    from coalign.evaluation import evaluate
-
     torch.manual_seed(0)
     model = _build_model(args.image_size, args.max_length)
     out: dict = {"image_size": args.image_size, "max_length": args.max_length, "batch_size": args.batch_size}

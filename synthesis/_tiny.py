@@ -56,7 +56,7 @@ def word_tokenizer(extra_tokens: tuple[str, ...] = ()):
     """
     # tokenizers / transformers: heavy, imported only when a tiny model is built
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy, as above
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", ":"])}
     for word in TINY_WORDS:
@@ -203,7 +203,7 @@ def tiny_diffusion_pipeline():
     """A tiny ``StableDiffusionPipeline`` (UNet + VAE + CLIP text encoder + character tokenizer + DDIM)."""
     # diffusers: heavy optional dependency (the render stage), imported only when the tiny pipeline is built
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # heavy, as above
 
     tok = clip_tokenizer(max_length=256)  # character-level: a diptych prompt is ~200 characters
 

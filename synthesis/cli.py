@@ -17,7 +17,8 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-from coalign import command
+from coalign.command import build_parser as command_parser
+from coalign.command import run_command
 
 from .assemble import push_to_hub as upload_dataset
 from .config import AssembleConfig, FilterConfig, PromptsConfig, RenderConfig, SynthesisConfig
@@ -48,7 +49,7 @@ _DEFAULTS = SynthesisConfig()
 
 
 def synthesize(
-    output: Path,
+    output: str,
     seed: int = _DEFAULTS.seed,
     shard_size: int = _DEFAULTS.shard_size,
     prompts: PromptsConfig = _DEFAULTS.prompts,
@@ -63,7 +64,7 @@ def synthesize(
     private: bool = False,
     progress: bool = True,
 ) -> int:
-    """Synthesize CIR triplets with the CIRHS recipe.
+    """Run the CIRHS synthesis pipeline, or one stage of it.
 
     Args:
         output: output folder, shared by all ranks.
@@ -106,7 +107,7 @@ def synthesize(
 
 def build_parser() -> ArgumentParser:
     """The argument parser of ``coalign synthesize`` (the synthesis config fields at the top level of the YAML)."""
-    return command.build_parser(synthesize, PROG, description=_DESCRIPTION, epilog=_EPILOG)
+    return command_parser(synthesize, PROG, description=_DESCRIPTION, epilog=_EPILOG)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthesisConfig:
@@ -118,4 +119,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Synthes
 
 def synthesize_command(argv: list[str]) -> int:
     """Entry point of ``coalign synthesize``; returns the exit status (1 when some items failed and need a rerun)."""
-    return command.run_command(synthesize, argv, PROG, description=_DESCRIPTION, epilog=_EPILOG)
+    return run_command(synthesize, argv, PROG, description=_DESCRIPTION, epilog=_EPILOG)

@@ -77,7 +77,8 @@ def load_judge(spec: ModelSpec, device: torch.device):
 
 def load_diffusion_pipeline(spec: ModelSpec, device: torch.device, cpu_offload: bool = False):
     """Any diffusers ``DiffusionPipeline`` (FLUX, SD3, SDXL, ...), or a tiny Stable Diffusion one."""
-    try:  # diffusers: heavy optional dependency, needed by the render stage only
+    try:
+        # diffusers: heavy optional dependency, needed by the render stage only
         from diffusers import DiffusionPipeline
     except ImportError as err:
         raise ImportError("the render stage needs diffusers: pip install 'coalign[synthesis]'") from err

@@ -95,7 +95,7 @@ def launch(
     """
     # lightning.fabric: heavy (the whole Lightning stack), needed only to launch a run, not to read its outputs
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
+    from lightning.fabric.strategies import DDPStrategy  # heavy, as above
 
     many = num_nodes > 1 or devices not in (1, "1")
     # ranks only ever meet at barriers (no tensor collectives), so gloo on the CPU serves every accelerator and

@@ -154,3 +154,37 @@ def test_data_configs_build(roots, tmp_path):
         cfg = parser.parse_args([f"--config={config}", f"--data.init_args.root={roots[name]}"])
         dm = parser.instantiate_classes(cfg).data
         assert dm.benchmark == name and dm.split_data("val").queries
+
+
+# -- upload checks ------------------------------------------------------------------------------------------
+def test_check_submission_on_the_datamodule(roots, tmp_path):
+    cirr = CIRRDataModule(roots["cirr"])
+    data = cirr.split_data("test1")  # the default split
+    upload = {"version": "rc2", "metric": "recall"}
+    for q in data.queries:
+        upload[str(q["pairid"])] = [g for g in data.gallery_ids if g != q["reference_id"]][:50]
+    path = tmp_path / "cirr_test1_recall.json"
+    path.write_text(json.dumps(upload))
+    assert cirr.check_submission(path) == []
+    first = str(data.queries[0]["pairid"])
+    upload[first] = upload[first][:10]
+    path.write_text(json.dumps(upload))
+    assert cirr.check_submission(path) == [f"list length is not 50: 1 (e.g. {first}: 10)"]
+    assert any("missing pairids" in p for p in cirr.check_submission(path, split="val"))
+    path.write_text("{not json")
+    assert len(problems := cirr.check_submission(path)) == 1 and "is not valid JSON" in problems[0]
+    with pytest.raises(FileNotFoundError, match="submission file not found"):
+        cirr.check_submission(tmp_path / "nope.json")
+
+    circo = CIRCODataModule(roots["circo"])
+    queries = circo.split_data("test").queries
+    path.write_text(json.dumps({str(q["query_id"]): [1, 1] for q in queries}))
+    problems = "\n".join(circo.check_submission(path))
+    assert "duplicate entries" in problems and "list length is not 50" in problems
+    with pytest.raises(ValueError, match="no test server checks fashioniq files"):
+        FashionIQDataModule(roots["fashioniq"]).check_submission(path)
+
+
+def test_missing_annotation_hints_at_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"CIRR caption file not found: .*\(is root the folder of the official"):
+        CIRRDataModule(tmp_path).split_data("val")

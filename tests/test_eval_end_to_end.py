@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from _eval_fakes import FakeCIRModel
 
-from coalign.evaluation import commands
-from coalign.evaluation.commands import check_submission_command, evaluate_command
+from coalign.commands import evaluate as commands
+from coalign.commands.evaluate import check_submission_command, evaluate_command
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from make_fake_benchmarks import make_all  # noqa: E402
@@ -25,12 +25,20 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     """Until a registered model is needed, `--model fake` loads the deterministic test model."""
-    monkeypatch.setattr(commands, "load_model", lambda spec, random_init=False: FakeCIRModel())
+    monkeypatch.setattr(commands, "load_model", lambda spec, random_init=False, device=None: FakeCIRModel())
+
+
+MODULES = {"cirr": "CIRRDataModule", "circo": "CIRCODataModule", "fashioniq": "FashionIQDataModule"}
 
 
 def _run(benchmark, root, split, out, *extra) -> int:
-    argv = ["--model", "fake", "--benchmark", benchmark, "--root", str(root), "--split", split]
-    return evaluate_command([*argv, "--output-dir", str(out), "--num-workers", "0", "--no-progress", *extra])
+    data = ["--data", MODULES.get(benchmark, benchmark), "--data.root", str(root)]
+    argv = ["--model", "fake", *data, "--split", split]
+    return evaluate_command([*argv, "--output_dir", str(out), "--progress", "false", *extra])
+
+
+def _check(path, benchmark, root, *split) -> int:
+    return check_submission_command([str(path), "--data", MODULES[benchmark], "--data.root", str(root), *split])
 
 
 def _load(path: Path):
@@ -63,16 +71,11 @@ def test_cirr_metrics_match_the_ranking_files(roots, tmp_path, capsys):
     for q in queries:
         assert q["reference"] not in recall[str(q["pairid"])] and len(recall[str(q["pairid"])]) == 50
     for name in ("cirr_val_recall.json", "cirr_val_recall_subset.json"):
-        assert (
-            check_submission_command(
-                [str(tmp_path / name), "--benchmark", "cirr", "--root", str(roots["cirr"]), "--split", "val"]
-            )
-            == 0
-        )
+        assert _check(tmp_path / name, "cirr", roots["cirr"], "--split", "val") == 0
 
 
 def test_fashioniq_metrics_match_the_ranking_files(roots, tmp_path):
-    assert _run("fashioniq", roots["fashioniq"], "val", tmp_path, "--caption-join", "both_orders") == 0
+    assert _run("fashioniq", roots["fashioniq"], "val", tmp_path, "--data.caption_join", "both_orders") == 0
     metrics = _load(tmp_path / "metrics.json")
     assert metrics["protocol/caption_join"] == "both_orders" and metrics["protocol/gallery"] == "split"
     avg = {10: [], 50: []}
@@ -92,7 +95,8 @@ def test_fashioniq_metrics_match_the_ranking_files(roots, tmp_path):
 
 def test_circo_metrics_match_the_ranking_file(roots, tmp_path):
     assert (
-        _run("circo", roots["circo"], "val", tmp_path, "--query-template", "find {shared_concept} but {caption}") == 0
+        _run("circo", roots["circo"], "val", tmp_path, "--data.query_template", "find {shared_concept} but {caption}")
+        == 0
     )
     metrics, ranks = _load(tmp_path / "metrics.json"), _load(tmp_path / "circo_val.json")
     queries = _load(roots["circo"] / "annotations" / "val.json")
@@ -104,18 +108,13 @@ def test_circo_metrics_match_the_ranking_file(roots, tmp_path):
             total += sum(hits[:k]) / min(len(q["gt_img_ids"]), k)
         assert metrics[f"circo/mAP@{k}"] == pytest.approx(100 * total / len(queries))
     assert metrics["protocol/query_template"] == "find {shared_concept} but {caption}"
-    assert (
-        check_submission_command(
-            [str(tmp_path / "circo_val.json"), "--benchmark", "circo", "--root", str(roots["circo"]), "--split", "val"]
-        )
-        == 0
-    )
+    assert _check(tmp_path / "circo_val.json", "circo", roots["circo"], "--split", "val") == 0
 
 
 def test_test_splits_write_only_upload_files_that_pass(roots, tmp_path, capsys):
     assert _run("cirr", roots["cirr"], "test1", tmp_path / "c") == 0
-    assert _run("circo", roots["circo"], "test", tmp_path / "o", "--cache-dir", str(tmp_path / "cache")) == 0
-    assert _run("fashioniq", roots["fashioniq"], "test", tmp_path / "f", "--categories", "dress") == 0
+    assert _run("circo", roots["circo"], "test", tmp_path / "o", "--cache_dir", str(tmp_path / "cache")) == 0
+    assert _run("fashioniq", roots["fashioniq"], "test", tmp_path / "f", "--data.categories", "[dress]") == 0
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
         "cirr_test1_recall.json",
         "cirr_test1_recall_subset.json",
@@ -123,18 +122,10 @@ def test_test_splits_write_only_upload_files_that_pass(roots, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "f").iterdir()] == ["fashioniq_dress_test.json"]
     assert "no labels" in capsys.readouterr().out
     for name in ("cirr_test1_recall.json", "cirr_test1_recall_subset.json"):
-        assert (
-            check_submission_command([str(tmp_path / "c" / name), "--benchmark", "cirr", "--root", str(roots["cirr"])])
-            == 0
-        )
-    assert (
-        check_submission_command(
-            [str(tmp_path / "o" / "circo_test.json"), "--benchmark", "circo", "--root", str(roots["circo"])]
-        )
-        == 0
-    )
+        assert _check(tmp_path / "c" / name, "cirr", roots["cirr"]) == 0
+    assert _check(tmp_path / "o" / "circo_test.json", "circo", roots["circo"]) == 0
     # the val run reuses the test run's gallery cache: CIRCO's gallery is shared
-    assert _run("circo", roots["circo"], "val", tmp_path / "v", "--cache-dir", str(tmp_path / "cache")) == 0
+    assert _run("circo", roots["circo"], "val", tmp_path / "v", "--cache_dir", str(tmp_path / "cache")) == 0
     assert _load(tmp_path / "v" / "metrics.json")["protocol/gallery_cache"] == "hit"
 
 
@@ -152,7 +143,7 @@ def test_check_submission_reports_every_problem(roots, tmp_path, capsys):
     sub["version"] = "rc1"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(sub) + " " * 5_000_001)
-    assert check_submission_command([str(bad), "--benchmark", "cirr", "--root", str(roots["cirr"])]) == 1
+    assert _check(bad, "cirr", roots["cirr"]) == 1
     report = capsys.readouterr().out
     for phrase in (
         "missing pairids",
@@ -166,7 +157,7 @@ def test_check_submission_reports_every_problem(roots, tmp_path, capsys):
         assert phrase in report, phrase
     circo = {"0": [1, 1], "7": []}
     bad.write_text(json.dumps(circo))
-    assert check_submission_command([str(bad), "--benchmark", "circo", "--root", str(roots["circo"])]) == 1
+    assert _check(bad, "circo", roots["circo"]) == 1
     report = capsys.readouterr().out
     for phrase in ("missing query ids", "query ids not in test", "duplicate entries", "ids not in the gallery"):
         assert phrase in report, phrase
@@ -174,10 +165,24 @@ def test_check_submission_reports_every_problem(roots, tmp_path, capsys):
 
 def test_command_errors_are_clear(roots, tmp_path, capsys):
     assert _run("cirr", roots["cirr"], "test", tmp_path) == 2
-    assert "valid splits: train, val, test1" in capsys.readouterr().err
-    assert _run("nope", roots["cirr"], "val", tmp_path) == 2
-    assert "choose from 'fashioniq', 'cirr', 'circo'" in capsys.readouterr().err
-    assert _run("cirr", roots["cirr"], "val", tmp_path, "--caption-join", "reversed") == 2
-    assert "--caption-join do(es) not apply to cirr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "valid splits: train, val, test1" in err and len(err.strip().splitlines()) == 1
+    assert _run("NopeDataModule", roots["cirr"], "val", tmp_path) == 2
+    assert "NopeDataModule" in capsys.readouterr().err
+    # a protocol option of another benchmark is refused, not ignored
+    assert _run("cirr", roots["cirr"], "val", tmp_path, "--data.caption_join", "reversed") == 2
+    assert "caption_join" in capsys.readouterr().err
     assert evaluate_command(["--help"]) == 0
-    assert "--query-template" in capsys.readouterr().out
+    assert "--data.query_template" in capsys.readouterr().out
+    assert evaluate_command(["--data.help", "CIRCODataModule"]) == 0
+    assert "query_template" in capsys.readouterr().out
+
+
+def test_evaluate_reads_its_options_from_a_config_file(roots, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"model: fake\ndata:\n  class_path: CIRRDataModule\n  init_args:\n    root: {roots['cirr']}\n"
+        f"    labels: soft\noutput_dir: {tmp_path / 'out'}\nprogress: false\n"
+    )
+    assert evaluate_command(["--config", str(config)]) == 0
+    assert _load(tmp_path / "out" / "metrics.json")["protocol/labels"] == "soft"

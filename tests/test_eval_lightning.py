@@ -18,7 +18,7 @@ import coalign
 from coalign.callbacks import RetrievalReport
 from coalign.cli import main
 from coalign.commands.evaluate import check_submission_command
-from coalign.datamodules import CIRREvaluator, CIRRDataModule, FashionIQDataModule
+from coalign.datamodules import CIRRDataModule, CIRREvaluator, FashionIQDataModule
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from make_fake_benchmarks import make_cirr, make_fashioniq  # noqa: E402

@@ -246,8 +246,12 @@ def test_load_model_accepts_names_folders_and_checkpoints(tmp_path):
     for source in (tmp_path / "folder", tmp_path / "m.ckpt"):
         loaded = load_model(str(source)).eval()
         assert torch.allclose(loaded.encode_queries(images, texts).embedding, expected)
-    assert isinstance(load_model("coalign_tiny", random_init=True), CoAlign)
-    with pytest.raises(NotImplementedError):
+    seeded, again = load_model("coalign_tiny", random_init=True).eval(), load_model("coalign_tiny", True).eval()
+    # a fixed seed: `coalign index` and `coalign search` build the same model
+    assert torch.equal(seeded.encode_queries(images, texts).embedding, again.encode_queries(images, texts).embedding)
+    with pytest.raises(ValueError, match="no published weights"):
         load_model("coalign_tiny")
+    with pytest.warns(UserWarning, match="seeded random initialisation"):
+        assert isinstance(load_model("coalign_tiny", random_init=None), CoAlign)
     with pytest.raises(ValueError, match="not a folder"):
         load_model(str(tmp_path / "missing" / "deep" / "path"))

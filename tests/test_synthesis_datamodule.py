@@ -95,7 +95,8 @@ def test_coalign_tiny_fits_on_the_assembled_dataset():
     from coalign import create_model
 
     model = create_model("coalign_tiny")
-    dm = CIRHSDataModule(root=str(baseline_dataset()), batch_size=4, group_size=2)  # model.preprocess on setup
+    dm = CIRHSDataModule(root=str(baseline_dataset()), batch_size=4, group_size=2)
+    dm.connect(model.preprocess)  # what the coalign command line does
     trainer = L.Trainer(
         fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._ranks import compact, head, lookup_positions, to_positions
+from .ranks import compact, head, lookup_positions, to_positions
 from .submission import LIST_LENGTH
 
 __all__ = ["RetrievalEvaluator", "TargetRecall"]
