@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_model, save_model
 
 from ._version import __version__
+from .io import atomic_write_text
 from .registry import get_model_fn, list_models
 
 __all__ = ["HubMixinOverrides", "resolve_checkpoint_folder"]
@@ -90,7 +91,7 @@ class HubMixinOverrides:
             "preprocess": self.preprocess.config(),
             "card": self.card_info,
         }
-        (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(save_directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
         save_model(self, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
         assets = save_directory / "assets"
         assets.mkdir(exist_ok=True)

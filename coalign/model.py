@@ -189,10 +189,16 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         query = self.encode_queries(batch["reference"], batch["text"])
         target = self.encode_targets(batch["target"])
         groups = batch.get("group")
-        codes = None
+        codes = reference_codes = None
         if "target_id" in batch:
+            # one code per image: equal target codes are the same image (a positive); a reference shares the code
+            # of the target showing the same image, so the heads never make a query's own reference a soft positive
             lookup: dict[str, int] = {}
             codes = torch.tensor([lookup.setdefault(t, len(lookup)) for t in batch["target_id"]], device=self.device)
+            if "reference_id" in batch:
+                reference_codes = torch.tensor(
+                    [lookup.get(r, -1) if r else -1 for r in batch["reference_id"]], device=self.device
+                )
         negatives = None
         if "negative" in batch:
             # a hard negative that is some query's own target image would contradict its positive: drop it
@@ -202,10 +208,11 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             ]
             if keep:
                 negatives = self.encode_targets(batch["negative"][keep])
-        losses = {"global_loss": self.global_head(query, target, groups, codes, negatives)}
+        ids = {"reference_ids": reference_codes}
+        losses = {"global_loss": self.global_head(query, target, groups, codes, negatives, **ids)}
         loss = losses["global_loss"]
         if self.local_head is not None and self.local_loss_weight > 0:
-            losses["local_loss"] = self.local_head(query, target, groups, codes, negatives)
+            losses["local_loss"] = self.local_head(query, target, groups, codes, negatives, **ids)
             loss = loss + self.local_loss_weight * losses["local_loss"]
         losses["loss"] = loss
         with torch.no_grad():

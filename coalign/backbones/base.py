@@ -25,7 +25,7 @@ class Backbone(Component, abc.ABC):
     PIL images and strings to scores. Subclasses set ``embed_dim`` (E, the global embedding width) and
     ``token_dim`` (D, the local token width) in their constructor.
 
-    Contract (checked for every registered backbone by ``tests/test_contracts.py``):
+    Contract (checked for every registered backbone by ``tests/test_model.py``):
 
     * ``encode_query(pixel_values [B,3,H,W] float, input_ids [B,L] long, attention_mask [B,L])`` returns
       :class:`QueryFeatures` with a normalised ``embedding [B, E]`` and ``tokens [B, Lq, D]`` where ``Lq`` does

@@ -28,36 +28,73 @@ def max_over_embeddings(query: Tensor, target: Tensor) -> Tensor:
 
 
 def soft_positive_targets(
-    groups: Tensor | None, batch_size: int, beta: float, device=None, target_ids: Tensor | None = None
+    groups: Tensor | None,
+    batch_size: int,
+    beta: float,
+    device=None,
+    target_ids: Tensor | None = None,
+    reference_ids: Tensor | None = None,
 ) -> Tensor:
     """Row-stochastic target distribution ``Y [B, B]`` with same-group soft positives.
 
     Let ``S_i = {j : target_j is the same image as target_i}`` (just ``{i}`` without ``target_ids``) and
-    ``P_i = {j not in S_i : g_j = g_i}`` the other triplets of i's group. Then::
+    ``P_i = {j not in S_i : g_j = g_i and target_j is not the image of query i's reference}`` the other targets of
+    i's group. Then::
 
         Y_ij = (1 - beta) / |S_i|  for j in S_i,     Y_ij = beta / |P_i|  for j in P_i,     0 elsewhere;
 
     a row without peers puts all its mass on ``S_i``, so ``beta = 0`` or all-distinct groups give InfoNCE (with
     a duplicated target image counted as a positive, never as a negative of itself).
+
+    **Never the query's own reference.** In a group of bidirectional triplets (``source -> edit`` and
+    ``edit -> source``) a query's reference image is the target of another triplet of its group; rewarding it as
+    a soft positive would teach "return the reference". With ``reference_ids`` such a target gets ``Y_ij = 0`` (it
+    stays an ordinary negative). Example, ``beta = 0.2``, one group of ``S->E1, E1->S, S->E2, E2->S``::
+
+        Y = [[0.8, 0,   0.2, 0  ],      S->E1: E2 is the only other target that is not S
+             [0,   0.4, 0.2, 0.4],      E1->S: the two S targets share 0.8; E2 is soft; E1 (its reference) is not
+             [0.2, 0,   0.8, 0  ],
+             [0.2, 0.4, 0,   0.4]]
+
+    Args:
+        groups: ``[B]`` group ids, or None (all distinct).
+        batch_size: B.
+        beta: total soft-positive weight of a row that has peers, in [0, 1).
+        device: device of the result.
+        target_ids: ``[B]`` integer codes of the target images; equal codes are the same image.
+        reference_ids: ``[B]`` codes of the queries' reference images *in the code space of* ``target_ids``
+            (a reference that is no target of the batch gets a code no target has, e.g. -1).
+
+    Raises:
+        ValueError: an id tensor does not hold B values, or ``reference_ids`` is given without ``target_ids``.
     """
+    if reference_ids is not None:
+        if target_ids is None:
+            raise ValueError("reference_ids are codes in the space of target_ids: pass target_ids too")
+        reference_ids = _codes(reference_ids, batch_size, "reference", device)
     eye = torch.eye(batch_size, device=device)
     same_target = eye
     if target_ids is not None:
-        target_ids = target_ids.to(device).view(-1)
-        if target_ids.numel() != batch_size:
-            raise ValueError(f"got {target_ids.numel()} target ids for a batch of {batch_size}")
+        target_ids = _codes(target_ids, batch_size, "target", device)
         same_target = (target_ids[:, None] == target_ids[None, :]).float()
     positives = same_target / same_target.sum(dim=1, keepdim=True)
     if groups is None or beta == 0:
         return positives
-    groups = groups.to(device).view(-1)
-    if groups.numel() != batch_size:
-        raise ValueError(f"got {groups.numel()} group ids for a batch of {batch_size}")
+    groups = _codes(groups, batch_size, "group", device)
     peers = (groups[:, None] == groups[None, :]).float() * (1 - same_target)
+    if reference_ids is not None and target_ids is not None:
+        peers = peers * (reference_ids[:, None] != target_ids[None, :]).float()
     count = peers.sum(dim=1, keepdim=True)
     has_peers = count > 0
     soft = torch.where(has_peers, beta * peers / count.clamp(min=1), torch.zeros_like(peers))
     return soft + positives * torch.where(has_peers, 1.0 - beta, 1.0)
+
+
+def _codes(ids: Tensor, batch_size: int, what: str, device) -> Tensor:
+    ids = ids.to(device).view(-1)
+    if ids.numel() != batch_size:
+        raise ValueError(f"got {ids.numel()} {what} ids for a batch of {batch_size}")
+    return ids
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, negative_logits: Tensor | None = None) -> Tensor:
@@ -86,6 +123,7 @@ class GlobalHead(Component, abc.ABC):
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
         negatives: TargetFeatures | None = None,
+        reference_ids: Tensor | None = None,
     ) -> Tensor:
         """Scalar training loss for a batch of aligned (query i, target i) pairs.
 
@@ -95,6 +133,9 @@ class GlobalHead(Component, abc.ABC):
             groups: ``[B]`` int group ids; triplets that share a group are soft positives. None = all distinct.
             target_ids: ``[B]`` int codes of the target images; equal codes are the same image (a positive).
             negatives: features of extra hard-negative images (a negative for every query), or None.
+            reference_ids: ``[B]`` codes of the queries' reference images in the code space of ``target_ids``; a
+                target that is query i's own reference image is never a soft positive of query i (see
+                :func:`soft_positive_targets`). None = no such exclusion.
         """
 
 
@@ -126,5 +167,6 @@ class LocalHead(Component, abc.ABC):
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
         negatives: TargetFeatures | None = None,
+        reference_ids: Tensor | None = None,
     ) -> Tensor:
         """Scalar auxiliary training loss for a batch of aligned pairs (same conventions as GlobalHead)."""

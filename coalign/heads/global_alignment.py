@@ -29,11 +29,18 @@ class ContextualAlignmentHead(GlobalHead):
     hard negatives). ``beta = 0`` is plain InfoNCE. With ``symmetric=True`` the target-to-query direction is added
     and the two are averaged.
 
+    **Soft positives are the other targets of the group, never the query's own reference image.** With
+    ``target_ids`` a target showing the same image as query i's target counts as a positive (weight shared with
+    it); with ``reference_ids`` (``CoAlign`` passes both, from the batch's image ids) a target that *is* query i's
+    reference image gets weight 0 as a soft positive of query i and stays an ordinary negative: in a group of
+    ``source -> edit`` and ``edit -> source`` triplets the source image is the target of the backward triplets,
+    and rewarding it would teach the "return the reference" shortcut.
+
     The paper does not publish ``beta`` or ``tau``; our defaults are ``beta = 0.1`` (a label-smoothing-sized
     weight) and ``tau`` initialised to 0.07 as in CLIP/BLIP-2 and learned in log space, clamped to [0.001, 1].
 
     Args:
-        beta: total weight given to same-group soft positives, in [0, 1).
+        beta: total weight given to same-group soft positives, in [0, 1) (see :func:`soft_positive_targets`).
         init_temperature: initial ``tau``.
         learn_temperature: learn ``tau`` (else keep it fixed).
         symmetric: also align targets to queries.
@@ -66,11 +73,12 @@ class ContextualAlignmentHead(GlobalHead):
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
         negatives: TargetFeatures | None = None,
+        reference_ids: Tensor | None = None,
     ) -> Tensor:
         if len(query) != len(target):
             raise ValueError(f"got {len(query)} queries but {len(target)} targets")
         logits = self.logits(query, target)
-        y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
+        y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids, reference_ids)
         # extra hard-negative columns: a negative for every query
         negative_logits = None if negatives is None else self.logits(query, negatives)
         loss = soft_cross_entropy(logits, y, negative_logits)

@@ -27,7 +27,9 @@ class TokenReasoningHead(LocalHead):
         r(q, t)  = mean of the top-k values of {a_l}         (k = min(top_k, number of valid query tokens))
 
     This is the "mean of the top-k token similarities" of the authors' sister model; the paper's exact form is
-    unpublished. The auxiliary loss is the same soft-positive cross-entropy as the global head, on ``r / tau``.
+    unpublished. The auxiliary loss is the same soft-positive cross-entropy as the global head, on ``r / tau``,
+    with the same rule for soft positives (:func:`soft_positive_targets`): the other targets of the query's group,
+    never a target that is the query's own reference image (given ``reference_ids``), which stays a negative.
     *Masked-feature reasoning*: while training, each valid query token is hidden with probability
     ``mask_ratio`` before scoring, so a pair must be matched from partial evidence (our reading of the sister
     model's masked-feature loss). At inference the head re-ranks the global top-K (see ``CoAlign.rerank``).
@@ -120,6 +122,7 @@ class TokenReasoningHead(LocalHead):
         groups: Tensor | None = None,
         target_ids: Tensor | None = None,
         negatives: TargetFeatures | None = None,
+        reference_ids: Tensor | None = None,
     ) -> Tensor:
         if len(query) != len(target):
             raise ValueError(f"got {len(query)} queries but {len(target)} targets")
@@ -131,6 +134,6 @@ class TokenReasoningHead(LocalHead):
             mask = mask & (keep | first)
         temperature = self.log_temperature.exp().clamp(0.001, 1.0)
         logits = self.score(query, target, mask) / temperature
-        y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids)
+        y = soft_positive_targets(groups, logits.shape[0], self.beta, logits.device, target_ids, reference_ids)
         negative_logits = None if negatives is None else self.score(query, negatives, mask) / temperature
         return soft_cross_entropy(logits, y, negative_logits)
