@@ -62,6 +62,24 @@ def resolve_checkpoint_folder(
     )
 
 
+#: CoAlign arguments that act only when training starts; ``from_pretrained`` ignores them
+TRAINING_ONLY = frozenset({"init_from"})
+#: the largest integer a config.json may hold (widths, depths, lengths): a crafted config cannot allocate terabytes
+MAX_SIZE = 1 << 20
+
+
+def _check_sizes(value: Any, path: Path, where: str = "model") -> None:
+    """Refuse a config whose integers are beyond any real architecture's (a crafted ``config.json``)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_sizes(item, path, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_sizes(item, path, f"{where}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -MAX_SIZE <= value <= MAX_SIZE:
+        raise ValueError(f"{path}: {where} = {value} is outside [-{MAX_SIZE}, {MAX_SIZE}]; this is no coalign model")
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -125,7 +143,10 @@ class HubMixinOverrides:
             pretrained_model_name_or_path, revision, cache_dir, force_download, token, local_files_only
         )
         config = read_config(folder)
-        kwargs = dict(config["model"])
+        # loading is inert: options that act at training time (init_from would load other weights, or download
+        # base weights) are ignored, whatever a downloaded config.json says
+        kwargs = {k: v for k, v in dict(config["model"]).items() if k not in TRAINING_ONLY}
+        _check_sizes(kwargs, folder / CONFIG_NAME)
         unknown = set(overrides) - set(kwargs)
         if unknown:
             raise TypeError(f"unknown CoAlign arguments {sorted(unknown)}")
@@ -140,6 +161,10 @@ class HubMixinOverrides:
             missing, unexpected = load_model(model, str(weights), strict=False, device=map_location)
         except RuntimeError as err:  # shape mismatch
             raise RuntimeError(f"the weights in {weights} do not fit the model of its config.json: {err}") from err
+        except Exception as err:  # safetensors' own error for a truncated or corrupt file names no file
+            raise ValueError(
+                f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}); save or download it again"
+            ) from None
         if strict and (missing or unexpected):
             raise RuntimeError(
                 f"weights in {weights} do not match the model: {len(missing)} missing keys {sorted(missing)[:5]}, "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
 
+from .command import debug_requested, report_errors
 from .commands.evaluate import check_submission_command, evaluate_command
 from .commands.search import index_command, search_command
 from .datamodules import CIRDataModule
@@ -67,7 +68,7 @@ TOOLS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from_shell = argv is None
+    """The ``coalign`` command; returns the exit code (0 ok, 1 a failed run, 2 bad input or usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = TOOLS
     if argv and argv[0] in tools:
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             ("predict", "embed queries and targets"),
         ] + [(k, v[0]) for k, v in tools.items()]:
             print(f"  {name:<17}{text}")
-        print("\nrun `coalign SUBCOMMAND --help` for the options of one")
+        print("\nrun `coalign SUBCOMMAND --help` for the options of one; add --debug to see a traceback")
         return 0
-    return _lightning(None if from_shell else argv)
+    debug = debug_requested(argv)
+    with report_errors(f"coalign {argv[0]}", debug) as code:
+        _lightning(argv)
+    return code[0]
 
 
 if __name__ == "__main__":

@@ -18,20 +18,24 @@ gives ``--model``, ``--images``, ``--output``, ``--batch_size`` (underscores, as
 ``coalign fit``), ``--config FILE`` (a YAML of the same keys), ``--print_config`` and a ``--help`` built from the
 docstring. A class-typed argument (``data: BenchmarkDataModule``) takes ``--data CIRRDataModule
 --data.root ...`` exactly as in ``coalign fit``. Errors that a user can fix (a missing file, a bad value) are
-printed as one line, ``coalign <tool>: error: ...``, with exit code 2.
+printed as one line, ``coalign <tool>: error: ...``, with exit code 2; any other failure of a run is one line
+``coalign <tool>: failed: ...`` with exit code 1. ``--debug`` anywhere on the command line (or
+``COALIGN_DEBUG=1``) lets the exception through with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-__all__ = ["build_parser", "run_command", "UserError"]
+__all__ = ["build_parser", "run_command", "report_errors", "debug_requested", "UserError"]
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -42,8 +46,44 @@ class UserError(Exception):
     """An error the user can fix from its message alone; printed as one line, never as a traceback."""
 
 
-#: exceptions a tool reports as one line (bad paths, bad values, malformed files)
-USER_ERRORS = (UserError, OSError, ValueError)
+#: exceptions that mean bad input (a missing or malformed file, a bad value): exit code 2
+USER_ERRORS = (UserError, OSError, ValueError, LookupError)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """Remove ``--debug`` from ``argv`` (in place); True when it was there or ``COALIGN_DEBUG`` is set."""
+    found = "--debug" in argv
+    while "--debug" in argv:
+        argv.remove("--debug")
+    return found or os.environ.get("COALIGN_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def report_errors(prog: str, debug: bool) -> Iterator[list[int]]:
+    """Turn an exception of the block into one line on stderr and an exit code in the yielded list.
+
+    Bad input (:data:`USER_ERRORS`) gives exit code 2 (``prog: error: ...``), any other exception 1 (``prog:
+    failed: ...``, with a hint to rerun with ``--debug``). With ``debug`` the exception propagates unchanged.
+    """
+    code = [0]
+    try:
+        yield code
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001  every failure of a command becomes one readable line
+        if debug:
+            raise
+        if isinstance(err, USER_ERRORS):
+            print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+            code[0] = 2
+        else:
+            print(f"{prog}: failed: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+            code[0] = 1
 
 
 def build_parser(
@@ -88,15 +128,15 @@ def run_command(
     positional: Sequence[str] = (),
 ) -> int:
     """Parse ``argv`` for ``fn``, call it, and return its exit code (2 on a user error, printed as one line)."""
+    argv = list(argv)
+    debug = debug_requested(argv)
     parser = build_parser(fn, prog, description, epilog, positional)
     try:
-        config = parser.parse_args(list(argv))
+        config = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --print_config or a usage error jsonargparse already printed
         return int(exit_.code or 0)
-    try:
+    with report_errors(prog, debug) as code:
         init = parser.instantiate_classes(config)
         kwargs = {name: init[name] for name in inspect.signature(fn).parameters if name in init}
-        return int(fn(**kwargs) or 0)
-    except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        code[0] = int(fn(**kwargs) or 0)
+    return code[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,16 @@ def load_model(source: str, random_init: bool | None = False, device: str | None
     if path.is_dir():
         model = CoAlign.from_pretrained(path)
     elif path.is_file() and path.suffix == ".ckpt":
-        model = CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+        try:
+            model = CoAlign.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:
+            # torch's message for a file that is not a plain weights checkpoint advises weights_only=False, which
+            # would run code from the file: never do that
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"{path} is not a readable coalign Lightning checkpoint ({first[:200]}); checkpoints are loaded "
+                "without unpickling code, so a truncated, corrupt or foreign file cannot be read"
+            ) from None
     elif source in list_models():
         model = _named(source, random_init)
     elif source.count("/") == 1 and not path.exists():

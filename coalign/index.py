@@ -244,8 +244,9 @@ class Index:
         if not manifest.is_file():
             raise FileNotFoundError(f"{directory} is not a coalign index (no index.json); build one with coalign index")
         info = read_json(manifest, what="index.json")
-        if info.get("format") != FORMAT:
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a coalign index file")
+        _check_manifest(info, manifest)
         if not info.get("complete"):
             raise ValueError(
                 f"the index in {directory} is unfinished (its build was interrupted): run the same `coalign index` "
@@ -254,12 +255,25 @@ class Index:
         paths = read_json(directory / "paths.json", what="the index's paths.json")
         parts = []
         for name in info["shards"]:
-            with safe_open(str(directory / "shards" / name), framework="pt") as f:
-                if "embedding" in f.keys():
-                    parts.append(f.get_tensor("embedding"))
+            shard = directory / "shards" / name
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    if "embedding" in f.keys():
+                        parts.append(f.get_tensor("embedding"))
+            except Exception as err:  # safetensors' errors for a missing or corrupt shard name no file
+                raise ValueError(
+                    f"index shard {shard} is missing or corrupt ({type(err).__name__}: {err}); rebuild the index with "
+                    "`coalign index ... --overwrite true`"
+                ) from None
         if not parts:
             raise ValueError(f"the index in {directory} holds no readable image (all {len(info['skipped'])} skipped)")
-        return cls(directory, Path(info["root"]), paths, torch.cat(parts), info)
+        embeddings = torch.cat(parts)
+        if not isinstance(paths, list) or len(paths) != len(embeddings):
+            raise ValueError(
+                f"{directory / 'paths.json'} does not match the shards ({len(embeddings)} embeddings); rebuild the "
+                "index with `coalign index ... --overwrite true`"
+            )
+        return cls(directory, Path(info["root"]), paths, embeddings, info)
 
     # -- searching ---------------------------------------------------------------------------------------------
     def check_model(self, model) -> None:
@@ -329,6 +343,18 @@ class Index:
             self._faiss_index = faiss.IndexFlatIP(dim)
             self._faiss_index.add(self.embeddings.reshape(n * vectors, dim).float().contiguous().numpy())
         return faiss_search(self._faiss_index, self.embeddings, query, k, model.similarity)
+
+
+def _check_manifest(info: dict[str, Any], manifest: Path) -> None:
+    """Refuse an ``index.json`` whose fields have the wrong shape, naming the field (not a KeyError later)."""
+    expected = {"root": str, "shards": list, "skipped": list, "model": dict}
+    for key, kind in expected.items():
+        if not isinstance(info.get(key), kind):
+            raise ValueError(f"{manifest}: {key!r} should be a {kind.__name__}, got {info.get(key)!r:.80}")
+    if not isinstance(info["model"].get("fingerprint"), str):
+        raise ValueError(f"{manifest}: model.fingerprint is missing; rebuild the index")
+    if not all(isinstance(name, str) and "/" not in name and name not in ("", ".", "..") for name in info["shards"]):
+        raise ValueError(f"{manifest}: 'shards' must list file names inside shards/")
 
 
 def _write_shard(path: Path, pending: dict[str, list]) -> None:

@@ -52,22 +52,22 @@ def _clean(caption: str) -> str:
 
 
 def join_captions(captions: Sequence[str], how: str = "clip4cir") -> str:
-    """One query text from a FashionIQ caption pair; blank captions are dropped first.
+    """One query text from a FashionIQ caption pair, exactly as the peers build it.
 
-    ``clip4cir``: ``f"{c0.strip('.?, ').capitalize()} and {c1.strip('.?, ')}"`` (CLIP4Cir, SPRC);
+    ``clip4cir``: ``f"{c0.strip('.?, ').capitalize()} and {c1.strip('.?, ')}"`` (CLIP4Cir, SPRC, SEARLE), taken
+    literally: a blank caption stays blank, so ``["is red", ""]`` gives ``"Is red and "`` and two blank captions
+    give ``" and "`` (the query is still ranked, as the peers rank it; it never stops a run).
     ``reversed``: the same with c1 first; ``lowercase``: ``f"{c0} and {c1}"`` stripped and lower-cased.
     (``both_orders`` encodes ``clip4cir`` and ``reversed`` and averages: see the DataModule.)
     """
-    parts = [_clean(c) for c in captions if _clean(c)]
-    if how == "reversed":
-        parts = parts[::-1]
-    if how == "lowercase":
-        return " and ".join(p.lower() for p in parts)
-    if how not in ("clip4cir", "reversed", "both_orders"):
+    if how not in CAPTION_JOINS:
         raise ValueError(f"unknown caption join {how!r}; choose one of {', '.join(CAPTION_JOINS)}")
-    if not parts:
-        return ""
-    return " and ".join([parts[0].capitalize(), *parts[1:]])
+    first, second = (list(captions) + ["", ""])[:2]
+    if how == "reversed":
+        first, second = second, first
+    if how == "lowercase":
+        return f"{_clean(first)} and {_clean(second)}".lower()
+    return f"{_clean(first).capitalize()} and {_clean(second)}"
 
 
 def random_caption_join(captions: Sequence[str], rng=random) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,18 +76,25 @@ def save_gallery(path: Path, gallery: Gallery, key: str) -> None:
 
 
 def load_gallery(path: Path, key: str, ids: Sequence[str] | None = None) -> Gallery | None:
-    """Read a cached gallery, or None when the file is absent or was written for another key or id list."""
+    """Read a cached gallery, or None when the file is absent, unreadable (with a warning: it is then rewritten)
+    or was written for another key or id list."""
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("key") != key:
-            return None
-        cached_ids = json.loads(meta["ids"])
-        if ids is not None and list(ids) != cached_ids:
-            return None
-        features = TargetFeatures(f.get_tensor("embedding"), f.get_tensor("tokens"))
-    return Gallery(cached_ids, features)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            cached_ids = json.loads(meta["ids"])
+            if ids is not None and list(ids) != cached_ids:
+                return None
+            features = TargetFeatures(f.get_tensor("embedding"), f.get_tensor("tokens"))
+        return Gallery(cached_ids, features)
+    except Exception as err:  # a truncated or corrupt cache file: a cache miss, never a blocker
+        warnings.warn(
+            f"ignoring the corrupt gallery cache {path} ({type(err).__name__}: {err}); re-encoding", stacklevel=2
+        )
+        return None
 
 
 def cached_gallery(

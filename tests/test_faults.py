@@ -1,0 +1,128 @@
+"""Fault injection: corrupt or crafted artefacts give one clear error naming the file, never a raw library error,
+and loading stays inert (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from coalign import CoAlign, create_model, load_model
+from coalign.evaluation.cache import cached_gallery
+from coalign.index import Index
+
+TINY = {"image_size": 16, "channels": 4, "stages": 2, "embed_dim": 16, "token_dim": 8, "text_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "m"
+    create_model("coalign_tiny", **TINY).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder, fn) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    fn(config)
+    path.write_text(json.dumps(config))
+
+
+def test_from_pretrained_ignores_init_from_in_config_json(saved, tmp_path):
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (crafted / name).write_bytes((saved / name).read_bytes())
+    # pointing at itself used to recurse forever; a registered name used to download base weights
+    for source in (str(crafted), "coalign_blip2_vitg"):
+        _edit_config(crafted, lambda c, s=source: c["model"].__setitem__("init_from", s))
+        model = CoAlign.from_pretrained(crafted)
+        assert model.init_from is None
+
+
+def test_a_crafted_size_in_config_json_is_refused(saved, tmp_path):
+    crafted = tmp_path / "huge"
+    crafted.mkdir()
+    (crafted / "config.json").write_bytes((saved / "config.json").read_bytes())
+    _edit_config(crafted, lambda c: c["model"]["backbone"]["init_args"].__setitem__("embed_dim", 10**12))
+    with pytest.raises(ValueError, match=r"model\.backbone\.init_args\.embed_dim = 1000000000000 is outside"):
+        CoAlign.from_pretrained(crafted)
+
+
+def test_corrupt_weights_name_the_file(saved, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((saved / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        CoAlign.from_pretrained(broken)
+
+
+def test_corrupt_checkpoint_names_the_file_and_never_advises_unpickling(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(ValueError, match="run.ckpt is not a readable coalign Lightning checkpoint") as info:
+        load_model(str(ckpt))
+    assert "weights_only=False" not in str(info.value)
+
+
+class _Model(torch.nn.Module):
+    """The encoder interface `cached_gallery` needs, with a counter of encoded batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def encode_targets(self, images):
+        from coalign import TargetFeatures
+
+        self.calls += 1
+        n = len(images)
+        return TargetFeatures(torch.ones(n, 1, 4), torch.ones(n, 2, 3))
+
+
+def test_a_corrupt_gallery_cache_is_rebuilt_with_a_warning(tmp_path):
+    model = _Model()
+    loader = [{"image": torch.zeros(2, 3, 4, 4), "image_id": ["a", "b"]}]
+    entries = [("a", tmp_path / "a.png"), ("b", tmp_path / "b.png")]
+    _, path, hit = cached_gallery(model, loader, tmp_path / "cache", entries, progress=False)
+    assert not hit and path.is_file()
+    path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="corrupt gallery cache"):
+        gallery, _, hit = cached_gallery(model, loader, tmp_path / "cache", entries, progress=False)
+    assert not hit and gallery.ids == ["a", "b"] and model.calls == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten: read back without a warning
+        assert cached_gallery(model, loader, tmp_path / "cache", entries, progress=False)[2]
+
+
+def _index(tmp_path, model):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (60 * i, 10, 200)).save(images / f"{i}.png")
+    return Index.build(model, images, tmp_path / "idx", progress=False, batch_size=2)
+
+
+def test_a_malformed_or_corrupt_index_names_what_is_wrong(tmp_path):
+    model = create_model("coalign_tiny", **TINY).eval()
+    index = _index(tmp_path, model)
+    manifest = index.directory / "index.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**good, "shards": "all of them"}))
+    with pytest.raises(ValueError, match="'shards' should be a list"):
+        Index.load(index.directory)
+    manifest.write_text(json.dumps(good))
+    shard = next((index.directory / "shards").iterdir())
+    shard.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=f"index shard .*{shard.name} is missing or corrupt"):
+        Index.load(index.directory)
