@@ -176,16 +176,18 @@ class HubMixinOverrides:
     def load_weights_from(self, source: str) -> None:
         """Initialise the weights from a registered model name, a checkpoint folder or a Hub id (fine-tuning).
 
-        The architectures must agree; every mismatched or missing weight is listed in the error.
+        The architectures must agree, except for a local head the source does not have (the fine-tuning config
+        may add one; it starts fresh); every other mismatched or missing weight is listed in the error.
         """
         if source in list_models():
             source_model = get_model_fn(source)()
             source_model.backbone.load_pretrained()
-            state = source_model.state_dict()
         else:
-            state = type(self).from_pretrained(source).state_dict()
+            source_model = type(self).from_pretrained(source)
+        state = source_model.state_dict()
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
+        added = "local_head." if source_model.local_head is None and self.local_head is not None else None
+        missing = sorted(k for k in set(own) - set(state) if not (added and k.startswith(added)))
         unexpected = sorted(set(state) - set(own))
         shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or shapes:
@@ -195,7 +197,7 @@ class HubMixinOverrides:
                 f"{shapes[:3]}); use the same model configuration as the source"
             )
         with torch.no_grad():
-            self.load_state_dict(state, strict=True)
+            self.load_state_dict(state, strict=added is None)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         info = self.card_info or {}

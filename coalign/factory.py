@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ._hub import read_config, resolve_checkpoint_folder
+from .backbones.base import Backbone
 from .backbones.blip2 import Blip2Backbone
 from .backbones.clip import CLIPBackbone
 from .backbones.tiny import TinyBackbone
@@ -18,7 +20,10 @@ from .heads.local_reasoning import TokenReasoningHead
 from .model import CoAlign
 from .registry import get_model_fn, list_models, register_model
 
-__all__ = ["create_model", "list_models", "load_model"]
+__all__ = ["create_model", "list_models", "load_model", "architecture_of"]
+
+#: the CoAlign arguments a fine-tuning source fixes (``init_from``): its architecture and inference options
+ARCHITECTURE_KEYS = ("backbone", "global_head", "local_head", "target_pad_ratio", "rerank_top_k", "rerank_weight")
 
 _MODEL_ARGS = set(inspect.signature(CoAlign.__init__).parameters) - {"self", "backbone"}
 
@@ -91,6 +96,45 @@ def load_model(source: str, random_init: bool | None = False, device: str | None
             "or a Hub id (owner/name)"
         )
     return model if device is None else model.to(device)
+
+
+def architecture_of(source: str) -> dict[str, Any]:
+    """The architecture a fine-tuning source fixes: ``{key: value}`` for :data:`ARCHITECTURE_KEYS`.
+
+    ``coalign fit --model.init_from X`` builds X's own architecture with these (the YAML's model section supplies
+    only what X does not fix: the optimizer, the schedule, the loss weights, a local head X lacks), so no model
+    YAML has to be stacked to match X and no stale ``init_args`` of another backbone can leak in.
+
+    Args:
+        source: a registered name with published weights, a ``save_pretrained`` folder or a Hub id.
+
+    Raises:
+        ValueError: a registered name without published weights, or a source that is none of the three.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() or (source.count("/") == 1 and not path.exists() and source not in list_models()):
+        config = read_config(resolve_checkpoint_folder(source))["model"]
+    elif source in list_models():
+        with torch.device("meta"):  # the architecture only: no memory, no weights
+            model = create_model(source)
+        if type(model.backbone).load_pretrained is Backbone.load_pretrained:
+            published = [n for n in list_models() if n != source and _has_weights(n)]
+            raise ValueError(
+                f"--model.init_from {source}: {source} has no published weights to start from; give a folder "
+                f"written by save_pretrained, a Hub id, or one of {', '.join(published)}"
+            )
+        config = model.config()
+    else:
+        raise ValueError(
+            f"--model.init_from {source!r} is not a folder, a registered model ({', '.join(list_models())}) "
+            "or a Hub id (owner/name)"
+        )
+    return {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
+
+
+def _has_weights(name: str) -> bool:
+    with torch.device("meta"):
+        return type(create_model(name).backbone).load_pretrained is not Backbone.load_pretrained
 
 
 def _named(name: str, random_init: bool | None) -> CoAlign:

@@ -126,3 +126,35 @@ def test_a_malformed_or_corrupt_index_names_what_is_wrong(tmp_path):
     shard.write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match=f"index shard .*{shard.name} is missing or corrupt"):
         Index.load(index.directory)
+
+
+def _fit(args: list[str]) -> int:
+    from coalign.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def test_fine_tuning_takes_the_architecture_of_its_source(saved, tmp_path, capsys):
+    from PIL import Image
+
+    rows = ["reference,text,target"]
+    for i in range(8):
+        Image.new("RGB", (20, 20), (30 * i, 100, 200 - 20 * i)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,make it number {i + 1},{(i + 1) % 8}.png")
+    (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    common = ["fit", "--config", "configs/experiments/finetune_custom.yaml", "--data.path", str(tmp_path / "my.csv"),
+              "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_fraction", "0.25",
+              "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+              "--trainer.default_root_dir", str(tmp_path / "run"),
+              "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    # the YAML names a BLIP-2 backbone; a tiny save_pretrained folder wins, with no model YAML stacked
+    assert _fit([*common, "--model.init_from", str(saved)]) == 0
+    tuned = CoAlign.from_pretrained(tmp_path / "run" / "model")
+    assert tuned.config()["backbone"] == CoAlign.from_pretrained(saved).config()["backbone"]
+    capsys.readouterr()
+    assert _fit([*common, "--model.init_from", "coalign_tiny"]) == 2  # no published weights: one line, at once
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "coalign_tiny has no published weights" in err[0]
