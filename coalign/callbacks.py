@@ -84,6 +84,10 @@ class ExportPretrained(L.Callback):
     with ``save_pretrained`` to ``dirpath`` (default ``<default_root_dir>/model``), ready for
     ``CoAlign.from_pretrained``, ``coalign evaluate --model`` and ``coalign index --model``.
 
+    Nothing is written when no training step ran (0 training batches, ``max_steps: 0``) and the model was not
+    loaded from a checkpoint: an untrained model must not pass for a trained one. Under ``fast_dev_run`` an
+    existing folder that this run did not write is kept (a smoke test never replaces a real export).
+
     Args:
         dirpath: output folder; None uses ``<trainer.default_root_dir>/model``.
         training_data: a description of the training data for the model card.
@@ -92,13 +96,21 @@ class ExportPretrained(L.Callback):
     def __init__(self, dirpath: str | None = None, training_data: str | None = None):
         self.dirpath = dirpath
         self.training_data = training_data
+        self._written: set[Path] = set()
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
+        if trainer.global_step == 0 and not trainer.ckpt_path:
+            print(f"did not save the model to {path}: no training step ran (0 training batches or max_steps 0?)")
+            return
+        if trainer.fast_dev_run and path.exists() and path not in self._written:
+            print(f"fast_dev_run: kept the existing {path} (a smoke test does not replace an export)")
+            return
         if self.training_data:
             pl_module.card_info["training_data"] = self.training_data
         pl_module.save_pretrained(path)
+        self._written.add(path)
         print(f"saved the model to {path} (load it with CoAlign.from_pretrained({str(path)!r}))")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -157,13 +157,27 @@ def format_table(values: Mapping[str, Any], title: str | None = None, extra: Map
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    """Open an image as RGB, with an error that names the file when it cannot be read.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        OSError: the file cannot be decoded, has no pixels (0 wide or high), or has more pixels than PIL's
+            ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: a tiny file that would fill the memory).
+    """
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if width * height == 0:
+                raise OSError(f"the image is {width}x{height} pixels")
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise OSError(
+                    f"the image is {width}x{height} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} (a "
+                    "decompression bomb?); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+                )
             return im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
 
 

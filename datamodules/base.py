@@ -27,9 +27,14 @@ over once by :meth:`CIRDataModule.connect`, so the images always match the backb
 from __future__ import annotations
 
 import functools
+import json
+import os
 import random
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -37,9 +42,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
+from tqdm.auto import tqdm
 
 from coalign.evaluation import EvaluationTask, RetrievalEvaluator
-from coalign.io import check_files_exist, load_image
+from coalign.io import atomic_write_json, check_files_exist, load_image
 
 __all__ = [
     "CIRDataModule",
@@ -47,6 +53,9 @@ __all__ = [
     "GalleryDataset",
     "GroupedBatchSampler",
     "EpochSequentialSampler",
+    "ResumableDataLoader",
+    "find_bad_images",
+    "image_problem",
     "collate",
     "load_image",
     "check_files_exist",
@@ -119,6 +128,74 @@ class GalleryDataset(Dataset):
         return {"image": self.transform(image), "image_id": image_id}
 
 
+def image_problem(path: str | Path) -> str | None:
+    """What is wrong with the image file ``path``, or None when it decodes (header check, size, full decode)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # the fast header/structure check
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height == 0:
+                return f"has size {width}x{height}"
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                limit = Image.MAX_IMAGE_PIXELS
+                return f"has {width}x{height} pixels, over PIL's limit of {limit} (a decompression bomb?)"
+            im.load()  # the full decode: finds truncated and corrupt data
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is bad
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def image_check_cache() -> Path:
+    """The JSON file remembering images that decoded: ``$COALIGN_CACHE_DIR/image_checks.json``, by default
+    ``~/.cache/coalign/image_checks.json`` (dataset folders are often read-only or shared, so not there)."""
+    folder = os.environ.get("COALIGN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "coalign"
+    return Path(folder).expanduser() / "image_checks.json"
+
+
+def find_bad_images(paths: Sequence[str | Path], progress: bool = True, workers: int | None = None) -> dict[str, str]:
+    """Decode every image of ``paths`` in a thread pool; return ``{path: problem}`` for each bad one.
+
+    An image that decoded is remembered in :func:`image_check_cache` under its folder and name with its size and
+    mtime, so a second run over the same files is instant; a changed file is checked again. Folders that no longer
+    exist are dropped from the cache when it is written.
+    """
+    cache = image_check_cache()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    bad: dict[str, str] = {}
+    todo: dict[str, tuple[str, str, list[int]]] = {}
+    for path in dict.fromkeys(str(p) for p in paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            bad[path] = "file not found"
+            continue
+        folder, name = os.path.split(os.path.abspath(path))
+        stamp = [st.st_size, st.st_mtime_ns]
+        if known.get(folder, {}).get(name) != stamp:
+            todo[path] = (folder, name, stamp)
+    if not todo:
+        return bad
+    with ThreadPoolExecutor(workers or min(16, 2 * (os.cpu_count() or 1))) as pool:
+        results = pool.map(image_problem, todo)
+        for path, problem in zip(todo, tqdm(results, total=len(todo), desc="checking images", disable=not progress)):
+            if problem:
+                bad[path] = problem
+            else:
+                folder, name, stamp = todo[path]
+                known.setdefault(folder, {})[name] = stamp
+    try:  # only a speed-up: a read-only home just means checking again next time
+        atomic_write_json(cache, {k: v for k, v in known.items() if os.path.isdir(k)}, compact=True)
+    except OSError:
+        pass
+    return bad
+
+
 class EpochSequentialSampler(SequentialSampler):
     """A sequential sampler that remembers the epoch Lightning gives it, for :class:`GroupedBatchSampler`."""
 
@@ -135,6 +212,10 @@ class GroupedBatchSampler(BatchSampler):
     shuffled and packed into batches without ever splitting one. Under DDP every rank draws the same batch list
     and takes every ``num_replicas``-th batch, so groups stay whole on one rank. When Lightning replaces
     ``sampler`` with a ``DistributedSampler`` (its default under DDP), the rank and world size are read from it.
+
+    **Resumable**: ``state_dict()`` is the epoch and the batches already yielded in it; after ``load_state_dict``
+    the next iteration of that epoch skips them (no image is loaded for them), so a resumed run sees the batches
+    an uninterrupted one would. :class:`ResumableDataLoader` saves the count of batches it actually returned.
 
     Args:
         sampler: its indices are not used; it carries the epoch (``set_epoch``) and, when Lightning made it a
@@ -165,9 +246,28 @@ class GroupedBatchSampler(BatchSampler):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skipped = 0  # batches the current iteration skipped (a resumed epoch)
+        self._yielded = 0
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many batches of it this rank's iterator has yielded."""
+        return {"epoch": self._epoch(), "batches": self._yielded}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume ``state["epoch"]`` after its first ``state["batches"]`` batches (the next iteration only)."""
+        epoch = int(state["epoch"])
+        self.set_epoch(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self._resume = (epoch, int(state["batches"]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resumes_mid_epoch(self) -> bool:
+        """Whether the next iteration continues the epoch of a loaded state (rather than starting one)."""
+        return self._resume is not None and self._resume[0] == self._epoch() and self._resume[1] > 0
 
     def _replicas(self) -> tuple[int, int]:
         if isinstance(self.sampler, DistributedSampler):
@@ -206,12 +306,64 @@ class GroupedBatchSampler(BatchSampler):
         batches = self._all_batches()
         per_rank = len(batches) // replicas if self.drop_last or replicas == 1 else -(-len(batches) // replicas)
         batches = (batches * 2)[: per_rank * replicas]  # DDP needs the same count everywhere: pad by wrapping
-        return iter(batches[rank::replicas])
+        resume, self._resume = self._resume, None
+        # a resume applies only to its own epoch (Lightning moves on to the next one after an end-of-epoch save)
+        self.skipped = self._yielded = resume[1] if resume and resume[0] == self._epoch() else 0
+        return self._count(batches[rank::replicas][self.skipped :])
+
+    def _count(self, batches: list[list[int]]) -> Iterator[list[int]]:
+        for batch in batches:
+            self._yielded += 1
+            yield batch
 
     def __len__(self) -> int:
         replicas, _ = self._replicas()
         n = len(self._all_batches())
         return n // replicas if self.drop_last or replicas == 1 else -(-n // replicas)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`GroupedBatchSampler` that Lightning can stop and resume mid-epoch.
+
+    Lightning 2.x stores the ``state_dict()`` of every training loader that has one in the checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and hands it to ``load_state_dict`` before it iterates the
+    loader of a resumed run. The state is the epoch, the number of batches this loader has *returned* (not what
+    its workers prefetched) and the random states of ``torch`` and ``random`` (dropout, masking) at that moment,
+    so the resumed run continues with the batch, and the random draws, an uninterrupted run would see.
+    """
+
+    _returned = 0
+    _rng: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        rng, self._rng = self._rng, None
+        mid_epoch = getattr(self.batch_sampler, "resumes_mid_epoch", lambda: False)()
+        if rng is not None and not mid_epoch:  # a new epoch: an uninterrupted run would start it from here
+            _set_rng(rng)
+        iterator = super().__iter__()  # the batch sampler starts here and applies a pending resume
+        if rng is not None and mid_epoch:  # after the seed the iterator draws, which a running epoch has done
+            _set_rng(rng)
+        self._returned = getattr(self.batch_sampler, "skipped", 0)
+        for batch in iterator:
+            self._returned += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {**self.batch_sampler.state_dict(), "batches": self._returned, "rng": state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self._rng = state.get("rng")
+
+
+def _set_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CIRDataModule(L.LightningDataModule):
@@ -233,15 +385,24 @@ class CIRDataModule(L.LightningDataModule):
         batch_size: triplets (or gallery images) per batch.
         num_workers: loader worker processes (0 loads in the main process).
         image_transform: callable PIL -> tensor; None (the default) waits for :meth:`connect`.
+        skip_bad_images: drop (with a warning) the records that need an image that is missing or cannot be
+            decoded, instead of failing in ``setup`` with the list of every bad file.
     """
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0, image_transform: Transform | None = None):
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_transform: Transform | None = None,
+        skip_bad_images: bool = False,
+    ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_transform = image_transform
+        self.skip_bad_images = skip_bad_images
 
     # -- transform ---------------------------------------------------------------------------------------
     def connect(self, image_transform: Transform) -> None:
@@ -261,16 +422,71 @@ class CIRDataModule(L.LightningDataModule):
             )
         return self.image_transform
 
+    # -- image checks (in setup, so a bad file stops the run before the first step) -----------------------
+    def check_images(
+        self, paths: Sequence[str | Path], what: str, where: Mapping[str, str] | None = None, skip: bool | None = None
+    ) -> set[str]:
+        """Decode every image of ``paths`` (see :func:`find_bad_images`); return the bad ones.
+
+        Raises one error listing every bad file with ``where[path]`` (its annotation row/entry), unless ``skip``
+        (default: ``skip_bad_images``) is set: then the caller drops what needs them (:meth:`usable_records`).
+        """
+        skip = self.skip_bad_images if skip is None else skip
+        paths = [str(p) for p in paths]
+        if not skip:
+            check_files_exist(paths, what=what)  # the missing ones first, as their own error
+        bad = find_bad_images(paths)
+        if bad and not skip:
+            where = where or {}
+            lines = [f"{p}{f' ({where[p]})' if p in where else ''}: {bad[p]}" for p in sorted(bad)]
+            raise ValueError(
+                f"{len(bad)} of {len(set(paths))} {what} files cannot be decoded; replace or remove them, or pass "
+                "skip_bad_images=True (--data.skip_bad_images true) to drop what needs them:\n  " + "\n  ".join(lines)
+            )
+        return set(bad)
+
+    def usable_records(
+        self, records: list[dict[str, Any]], what: str, where: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """``records`` whose ``reference`` and ``target`` images decode (all of them, or an error, unless
+        ``skip_bad_images``: the others are dropped with a warning giving the counts and the first bad files)."""
+        paths = sorted({r[k] for r in records for k in ("reference", "target") if r.get(k)})
+        bad = self.check_images(paths, what, where)
+        if not bad:
+            return records
+        kept = [r for r in records if r.get("reference") not in bad and r.get("target") not in bad]
+        warnings.warn(
+            f"skip_bad_images: {len(bad)} of {len(paths)} {what} files are missing or cannot be decoded "
+            f"(e.g. {', '.join(sorted(bad)[:3])}); dropped the {len(records) - len(kept)} of {len(records)} "
+            "triplets that need them",
+            stacklevel=2,
+        )
+        return kept
+
     # -- loaders -----------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool = False, batch_sampler=None) -> DataLoader:
+        """A loader yielding :func:`collate` batches. A shuffled loader (``shuffle``, or a shuffling
+        :class:`GroupedBatchSampler`) is a training loader: it is resumable mid-epoch and must not be empty."""
         kwargs: dict[str, Any] = {
             "num_workers": self.num_workers,
             "collate_fn": collate,
             "persistent_workers": self.num_workers > 0,
         }
-        if batch_sampler is not None:
-            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **kwargs)
+        if batch_sampler is None and not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, **kwargs)
+        if batch_sampler is None:  # a plain shuffle, seeded per epoch so that a resumed run sees the same order
+            groups = range(len(dataset))
+            batch_sampler = GroupedBatchSampler(EpochSequentialSampler(dataset), self.batch_size, False, groups, 1)
+            batch_sampler.seed = getattr(self, "seed", 0)
+        resumable = hasattr(batch_sampler, "state_dict")
+        loader = (ResumableDataLoader if resumable else DataLoader)(dataset, batch_sampler=batch_sampler, **kwargs)
+        if getattr(batch_sampler, "shuffle", False) and len(loader) == 0:
+            raise ValueError(
+                f"{type(self).__name__}: the training data gives 0 batches ({len(dataset)} triplets, batch_size "
+                f"{batch_sampler.batch_size}, drop_last={batch_sampler.drop_last}), so nothing would be trained: "
+                "lower batch_size below the number of training triplets, or add data"
+            )
+        return loader
 
     def grouped_loader(self, dataset: Dataset, groups: Sequence[int], group_size: int, seed: int = 0) -> DataLoader:
         """A shuffled training loader whose batches hold ``group_size`` triplets of a group together (DDP-safe)."""

@@ -13,6 +13,7 @@ writer and checker.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from coalign.io import read_json
 
-from .base import CIRDataModule, GalleryDataset, TripletDataset, check_files_exist, load_image
+from .base import CIRDataModule, GalleryDataset, TripletDataset, load_image
 
 __all__ = ["BenchmarkDataModule", "QueryDataset", "SplitData", "read_annotation", "require"]
 
@@ -129,11 +130,29 @@ class BenchmarkDataModule(CIRDataModule):
         return self._cache[split]
 
     def prepare_split(self, split: str) -> SplitData:
-        """Parse ``split`` and check that every image it names exists, before anything is encoded."""
+        """Parse ``split`` and check that every image it names exists and decodes, before anything is encoded.
+
+        ``skip_bad_images`` applies to the training split only (its queries that need a bad image are dropped):
+        an evaluation split must stay whole for its metrics to compare with published ones.
+        """
         data = self.split_data(split)
-        if split not in self._checked:
-            check_files_exist(sorted(set(data.paths.values())), what=f"{self.benchmark} {split} image")
-            self._checked.add(split)
+        if split in self._checked:
+            return data
+        what = f"{self.benchmark} {split} image"
+        where = {str(p): f"image id {i!r}" for i, p in data.paths.items()}
+        skip = self.skip_bad_images and split == self.train_split
+        bad = self.check_images(sorted(set(where)), what, where, skip=skip)
+        if bad:  # the training split under skip_bad_images
+            bad_ids = {i for i, p in data.paths.items() if str(p) in bad}
+            kept = [q for q in data.queries if str(q["reference"]) not in bad and q.get("target_id") not in bad_ids]
+            warnings.warn(
+                f"skip_bad_images: {len(bad)} {what} files are missing or cannot be decoded (e.g. "
+                f"{', '.join(sorted(bad)[:3])}); dropped {len(data.queries) - len(kept)} of {len(data.queries)} "
+                "training queries that need them",
+                stacklevel=2,
+            )
+            data.queries = [dict(q, index=n) for n, q in enumerate(kept)]
+        self._checked.add(split)
         return data
 
     def _parse(self, split: str) -> SplitData:

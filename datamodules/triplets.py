@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from coalign.evaluation.evaluator import TargetRecall
 
-from .base import CIRDataModule, GalleryDataset, Transform, TripletDataset, check_files_exist
+from .base import CIRDataModule, GalleryDataset, Transform, TripletDataset
 
 __all__ = ["TripletsDataModule", "read_triplets_file"]
 
@@ -129,11 +129,6 @@ class TripletsDataModule(CIRDataModule):
         rows = read_triplets_file(self.path)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root {self.image_root} is not a folder")
-        images = sorted({r[c] for r in rows for c in ("reference", "target")})
-        try:  # one error listing every missing image, before any step runs
-            check_files_exist([self.image_root / p for p in images])
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{self.path} (image_root {self.image_root}): {err}") from None
         groups: dict[str, int] = {}
         records = []
         for r in rows:
@@ -152,6 +147,14 @@ class TripletsDataModule(CIRDataModule):
                 }
             )
         self._assign_splits(records)
+        where: dict[str, str] = {}
+        for r, row in zip(records, rows):
+            for c in ("reference", "target"):
+                where.setdefault(r[c], f"{self.path.name} line {row['line']}")
+        try:  # one error listing every missing or undecodable image before any step runs, or a listed skip
+            records = self.usable_records(records, "image", where)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.path} (image_root {self.image_root}): {err}") from None
         for split in SPLITS:
             chosen = [r for r in records if r["split"] == split]
             self.records[split] = [dict(r, index=i) for i, r in enumerate(chosen)]
