@@ -208,11 +208,12 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             ]
             if keep:
                 negatives = self.encode_targets(batch["negative"][keep])
-        ids = {"reference_ids": reference_codes}
-        losses = {"global_loss": self.global_head(query, target, groups, codes, negatives, **ids)}
-        loss = losses["global_loss"]
+        global_loss = self.global_head(query, target, groups, codes, negatives, reference_ids=reference_codes)
+        losses = {"global_loss": global_loss}
+        loss = global_loss
         if self.local_head is not None and self.local_loss_weight > 0:
-            losses["local_loss"] = self.local_head(query, target, groups, codes, negatives, **ids)
+            local_loss = self.local_head(query, target, groups, codes, negatives, reference_ids=reference_codes)
+            losses["local_loss"] = local_loss
             loss = loss + self.local_loss_weight * losses["local_loss"]
         losses["loss"] = loss
         with torch.no_grad():

@@ -18,6 +18,7 @@ from .cirr import CIRRDataModule, CIRREvaluator
 from .fashioniq import FashionIQDataModule, FashionIQEvaluator
 from .shapes import ShapesDataModule
 from .triplets import TripletsDataModule
+from .zeroshot import ZeroShotDataModule
 
 __all__ = [
     "CIRDataModule",
@@ -33,6 +34,7 @@ __all__ = [
     "CIRCODataModule",
     "CIRHSDataModule",
     "TripletsDataModule",
+    "ZeroShotDataModule",
     "FashionIQEvaluator",
     "CIRREvaluator",
     "CIRCOEvaluator",

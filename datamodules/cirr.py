@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from coalign.evaluation.evaluator import RetrievalEvaluator
 from coalign.evaluation.ranks import BIG, head, lookup_positions, rank_lookup
@@ -150,14 +151,22 @@ def check_cirr(obj: Any, data: SplitData, size: int = 0) -> list[str]:
 class CIRRDataModule(BenchmarkDataModule):
     """CIRR train / val / test1.
 
+    **Training groups are CIRR's image sets.** Every CIRR pair is drawn from an image set of six similar images
+    (``img_set.id`` in the caption files), so the pairs of one set form a group: the training loader keeps up to
+    ``group_size`` pairs of a set together in a batch, and the global contextual alignment loss treats the other
+    targets of the set as soft positives (never a query's own reference image, see
+    :func:`coalign.heads.soft_positive_targets`).
+
     Args:
         root: folder holding ``cirr/`` (captions, image_splits) and the image folders ``train/``, ``dev/``,
             ``test1/``.
         labels: ``hard`` (default): Recall on ``target_hard`` (CLIP4Cir and nearly every paper); ``soft``: a
             query scores the best ``target_soft`` value in its top K (the CIRR authors' own evaluation).
-        batch_size: queries (or images) per batch.
+        batch_size: queries (or images) per batch; for training, a multiple of ``group_size``.
         num_workers: loader worker processes.
         image_transform: PIL -> tensor; None uses the attached model's ``preprocess``.
+        group_size: training pairs of one image set kept together in a batch (1: plain shuffled batches).
+        seed: seed of the per-epoch shuffles of the grouped training batches.
     """
 
     benchmark = "cirr"
@@ -171,11 +180,17 @@ class CIRRDataModule(BenchmarkDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform=None,
+        group_size: int = 4,
+        seed: int = 0,
     ) -> None:
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
         if labels not in ("hard", "soft"):
             raise ValueError(f"labels must be 'hard' or 'soft', got {labels!r}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.labels = labels
+        self.group_size = group_size
+        self.seed = seed
 
     def _parse(self, split: str) -> SplitData:
         labelled = split != "test1"
@@ -219,8 +234,24 @@ class CIRRDataModule(BenchmarkDataModule):
             }
             if labelled:
                 record["target_soft"] = {str(k): float(v) for k, v in entry["target_soft"].items()}
+            set_id = entry["img_set"].get("id")
+            if isinstance(set_id, int) and not isinstance(set_id, bool):
+                record["group"] = set_id  # the image set: the training group (soft positives)
+            elif split == self.train_split:
+                raise ValueError(f"{cap_path}: entry {i} needs img_set.id, an integer (its image set): {entry!r:.300}")
             queries.append(record)
         return SplitData(split, queries, list(paths.items()), has_labels=labelled, paths=paths)
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches holding up to ``group_size`` pairs of one image set together."""
+        if self.batch_size % self.group_size:  # checked here: evaluation takes any batch size
+            raise ValueError(
+                f"CIRR training needs batch_size ({self.batch_size}) to be a multiple of group_size "
+                f"({self.group_size}): change one of them (--data.batch_size, --data.group_size)"
+            )
+        dataset = self.train_dataset()
+        return self.grouped_loader(dataset, [r["group"] for r in dataset.records], self.group_size, self.seed)
 
     # -- evaluation --------------------------------------------------------------------------------------
     def build_evaluator(self, split: str) -> CIRREvaluator:

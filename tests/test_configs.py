@@ -122,6 +122,14 @@ def fake_data(tmp_path_factory):
 
 DATA_ARGS = {
     "zeroshot_cirhs.yaml": lambda d: ["--data.init_args.root", str(d["cirhs"]), "--data.init_args.batch_size", "8"],
+    "shapes_zeroshot.yaml": lambda d: [
+        "--data.init_args.train.init_args.root",
+        str(d["cirhs"]),
+        "--data.init_args.train.init_args.batch_size",
+        "8",
+        "--data.init_args.test.init_args.num_eval_sources",
+        "4",
+    ],  # fmt: skip
     "supervised_cirr.yaml": lambda d: ["--data.init_args.root", str(d["cirr"]), "--data.init_args.batch_size", "8"],
     "supervised_fashioniq.yaml": lambda d: [
         "--data.init_args.root",

@@ -90,7 +90,7 @@ def test_fashioniq_option_errors(roots):
 
 # -- CIRR ---------------------------------------------------------------------------------------------------
 def test_cirr_splits_and_galleries(roots):
-    dm = CIRRDataModule(roots["cirr"], image_transform=T, batch_size=5)
+    dm = CIRRDataModule(roots["cirr"], image_transform=T, batch_size=5, group_size=1)  # 5: no multiple of 2..4
     val, test = dm.prepare_split("val"), dm.prepare_split("test1")
     assert len(val.gallery) == 60 and val.has_labels and not test.has_labels
     assert all(q["target_id"] == "" and "target_soft" not in q for q in test.queries)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coalign import QueryFeatures, TargetFeatures
+from coalign import CoAlign, QueryFeatures, TargetFeatures
+from coalign.backbones import TinyBackbone
 from coalign.heads import ContextualAlignmentHead, TokenReasoningHead, max_over_embeddings, soft_positive_targets
 
 
@@ -105,3 +106,96 @@ def test_hard_negatives_add_zero_target_columns():
     local = TokenReasoningHead(token_dim=2, projection_dim=None, top_k=1, mask_ratio=0.0, init_temperature=1.0)
     expected_local = -F.log_softmax(s, dim=1).diagonal().mean()  # one token each: local score == cosine
     assert local(q, t, negatives=n).item() == pytest.approx(expected_local.item(), rel=1e-5)
+
+
+# One group, four triplets: source->edit1, edit1->source, source->edit2, edit2->source. Image codes (in the order
+# CoAlign._losses meets the targets): edit1 = 0, source = 1, edit2 = 2. Targets [E1, S, E2, S]; references
+# [S, E1, S, E2].
+GROUP_TARGETS = torch.tensor([0, 1, 2, 1])
+GROUP_REFERENCES = torch.tensor([1, 0, 1, 2])
+GROUP = torch.tensor([7, 7, 7, 7])
+# beta = 0.2, by hand. Row 0 (S->E1): positive E1 (0.8); other targets of the group: S, E2, S, but S is its own
+# reference, so E2 alone takes 0.2. Row 1 (E1->S): the two S targets are one image, its positive, 0.8 / 2 each;
+# E1 is its reference (weight 0, a negative), so E2 takes 0.2. Rows 2 and 3 mirror rows 0 and 1 with E1 <-> E2.
+EXPECTED_GROUP_Y = torch.tensor(
+    [
+        [0.8, 0.0, 0.2, 0.0],
+        [0.0, 0.4, 0.2, 0.4],
+        [0.2, 0.0, 0.8, 0.0],
+        [0.2, 0.4, 0.0, 0.4],
+    ]
+)
+
+
+def test_soft_positives_are_never_the_querys_own_reference():
+    y = soft_positive_targets(GROUP, 4, beta=0.2, target_ids=GROUP_TARGETS, reference_ids=GROUP_REFERENCES)
+    assert torch.allclose(y, EXPECTED_GROUP_Y)
+    # without reference ids a forward query's soft positives include the source, i.e. its own reference:
+    # row 0 spreads 0.2 over {S, E2, S} -> 1/15 each
+    y_old = soft_positive_targets(GROUP, 4, beta=0.2, target_ids=GROUP_TARGETS)
+    assert torch.allclose(y_old[0], torch.tensor([0.8, 0.2 / 3, 0.2 / 3, 0.2 / 3]))
+    # a reference that is no target of the batch (code -1) excludes nothing; beta = 0 stays InfoNCE
+    y = soft_positive_targets(GROUP, 4, 0.2, target_ids=GROUP_TARGETS, reference_ids=torch.full((4,), -1))
+    assert torch.allclose(y, y_old)
+    y = soft_positive_targets(GROUP, 4, 0.0, target_ids=GROUP_TARGETS, reference_ids=GROUP_REFERENCES)
+    assert torch.allclose(y, torch.tensor([[1, 0, 0, 0], [0, 0.5, 0, 0.5], [0, 0, 1, 0], [0, 0.5, 0, 0.5]]))
+
+
+def test_a_row_whose_only_peer_is_its_reference_is_plain_infonce():
+    # a one-pair group (S->E, E->S): each query's only other target is its own reference
+    y = soft_positive_targets(
+        torch.tensor([0, 0]), 2, beta=0.3, target_ids=torch.tensor([0, 1]), reference_ids=torch.tensor([1, 0])
+    )
+    assert torch.allclose(y, torch.eye(2))
+
+
+def test_reference_ids_need_target_ids_and_the_batch_size():
+    with pytest.raises(ValueError, match="target_ids"):
+        soft_positive_targets(GROUP, 4, beta=0.2, reference_ids=GROUP_REFERENCES)
+    with pytest.raises(ValueError, match="3 reference ids for a batch of 4"):
+        soft_positive_targets(GROUP, 4, beta=0.2, target_ids=GROUP_TARGETS, reference_ids=torch.tensor([0, 1, 2]))
+
+
+def _group_features():
+    # E1, S, E2 as 2-d unit vectors; queries point at their targets with some error
+    e1, s, e2 = [1.0, 0.0], [0.6, 0.8], [0.0, 1.0]
+    return _features([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]], [e1, s, e2, s])
+
+
+def test_both_heads_honour_reference_ids_by_hand():
+    q, t = _group_features()
+    s = q.embedding @ t.embedding[:, 0].T  # tau = 1
+    expected = -(EXPECTED_GROUP_Y * F.log_softmax(s, dim=1)).sum(1).mean()
+    ids = {"target_ids": GROUP_TARGETS, "reference_ids": GROUP_REFERENCES}
+    head = ContextualAlignmentHead(beta=0.2, init_temperature=1.0)
+    assert head(q, t, GROUP, **ids).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert head(q, t, GROUP, GROUP_TARGETS).item() != pytest.approx(expected.item(), rel=1e-3)
+    # one token each, top_k 1, no mask: the local score is the cosine, so the local loss is the same number
+    local = TokenReasoningHead(
+        token_dim=2, projection_dim=None, top_k=1, mask_ratio=0.0, beta=0.2, init_temperature=1.0
+    )
+    assert local(q, t, GROUP, **ids).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_model_maps_reference_ids_into_the_target_code_space():
+    backbone = TinyBackbone(channels=8, embed_dim=32, token_dim=16, text_layers=1, max_length=16)
+    model = CoAlign(backbone, ContextualAlignmentHead(beta=0.2), TokenReasoningHead(mask_ratio=0.0, beta=0.2))
+    model.eval()
+    batch = {
+        "reference": torch.rand(4, 3, 32, 32),
+        "target": torch.rand(4, 3, 32, 32),
+        "text": ["add a red circle", "remove the red circle", "make it blue", "make it green"],
+        "target_id": ["e1", "src", "e2", "src"],
+        "reference_id": ["src", "e1", "src", "e2"],
+        "group": GROUP,
+    }
+    with torch.no_grad():
+        losses = model._losses(batch)
+        query, target = model.encode_queries(batch["reference"], batch["text"]), model.encode_targets(batch["target"])
+        ids = {"target_ids": GROUP_TARGETS, "reference_ids": GROUP_REFERENCES}
+        expected_global = model.global_head(query, target, GROUP, **ids)
+        expected_local = model.local_head(query, target, GROUP, **ids)
+        without_references = model.global_head(query, target, GROUP, GROUP_TARGETS)
+    assert without_references.item() != pytest.approx(expected_global.item(), rel=1e-4)
+    assert losses["global_loss"].item() == pytest.approx(expected_global.item(), rel=1e-5)
+    assert losses["local_loss"].item() == pytest.approx(expected_local.item(), rel=1e-5)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from coalign.datamodules import CIRRDataModule, TripletsDataModule
-from coalign.datamodules.base import find_bad_images, image_check_cache, image_problem
+from coalign.datamodules.images import find_bad_images, image_check_cache, image_problem
 from coalign.io import load_image
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -75,7 +75,7 @@ def test_checked_images_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
     cache = json.loads(image_check_cache().read_text())
     assert sorted(cache[str(tmp_path)]) == ["a0.png", "a1.png", "a2.png"]
     decoded = []
-    monkeypatch.setattr("coalign.datamodules.base.image_problem", lambda p: decoded.append(p))
+    monkeypatch.setattr("coalign.datamodules.images.image_problem", lambda p: decoded.append(p))
     assert find_bad_images(paths, progress=False) == {} and decoded == []  # the second run decodes nothing
     _png(tmp_path / "a1.png", size=(9, 9))  # a changed file is checked again
     find_bad_images(paths, progress=False)
