@@ -12,7 +12,7 @@ key                type                                meaning
 ``target``         float ``[B, 3, H, W]``              target images (absent when a split has no labels)
 ``reference_id``   ``list[str]``                       gallery name of the reference image
 ``target_id``      ``list[str]``                       gallery name of the target ("" when unknown)
-``group``          long ``[B]``                        group id; same-group triplets are soft positives
+``group``          long ``[B]``                        group id: the group's other targets are soft positives
 ``negative``       float ``[B, 3, H, W]``              optional hard negatives, a negative for every query
 ``index``          long ``[B]``                        position of the query in its split's annotation
 =================  ==================================  =============================================
