@@ -109,8 +109,20 @@ class BenchmarkDataModule(CIRDataModule):
     has_gallery = True
     has_test_server = True
 
-    def __init__(self, root: str | Path, batch_size: int = 32, num_workers: int = 0, image_transform=None):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_transform=None,
+        skip_bad_images: bool = False,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
         self.root = Path(root).expanduser()
         self._cache: dict[str, SplitData] = {}
         self._checked: set[str] = set()

@@ -135,7 +135,9 @@ class CIRCODataModule(BenchmarkDataModule):
             does not remove it).
         batch_size: queries (or images) per batch.
         num_workers: loader worker processes.
-        image_transform: PIL -> tensor; None uses the attached model's ``preprocess``.
+        image_transform: PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
+        skip_bad_images: drop (with a warning) what needs an image that is missing or cannot be decoded,
+            instead of stopping before the first step (training split only for a benchmark).
     """
 
     benchmark = "circo"
@@ -151,8 +153,15 @@ class CIRCODataModule(BenchmarkDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform=None,
+        skip_bad_images: bool = False,
     ) -> None:
-        super().__init__(root, batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        super().__init__(
+            root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
         fields = {f for _, f, _, _ in string.Formatter().parse(query_template) if f is not None}
         if not fields <= _TEMPLATE_FIELDS or "caption" not in fields:
             raise ValueError(

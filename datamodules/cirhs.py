@@ -1,9 +1,9 @@
 """CIRHS-style synthetic triplets, as written by ``coalign synthesize`` (format: ``synthesis/README.md``).
 
-Each training batch holds whole chunks of ``group_size`` triplets of one group (the triplets made from one
-caption quadruple), so the global contextual alignment loss finds same-group targets in the batch and can treat
-them as soft positives. Validation yields plain triplet batches, grouped the same way but in a fixed order, for
-the model's in-batch validation loss.
+Each training batch holds whole chunks of ``group_size`` triplets of one group (the triplets reorganised from
+one rendered group: source <-> edits and edit -> edit), so the global contextual alignment loss finds
+same-group targets in the batch and can treat them as soft positives. Validation yields plain triplet batches,
+grouped the same way but in a fixed order, for the model's in-batch validation loss.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from .base import (
     GroupedBatchSampler,
     Transform,
     TripletDataset,
-    check_files_exist,
 )
 
 __all__ = ["CIRHSDataModule", "read_triplets"]
 
 
 def read_triplets(root: str | Path) -> list[dict[str, Any]]:
-    """The records of ``root/triplets.jsonl`` with image paths made absolute, failing early on a bad file."""
+    """The records of ``root/triplets.jsonl`` with image paths made absolute, failing early on a bad file.
+
+    ``reference_id`` / ``target_id`` (image ids, so that training can tell a query's own reference among its
+    group's targets) are read when present and default to the relative image paths; ``group`` must be an int.
+    """
     root = Path(root)
     path = root / "triplets.jsonl"
     if not path.is_file():
@@ -37,14 +40,22 @@ def read_triplets(root: str | Path) -> list[dict[str, Any]]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n} is not JSON ({err.msg}): rerun the assemble stage") from None
             missing = {"reference", "target", "text", "group", "split"} - set(r)
             if missing:
-                raise ValueError(f"{path}:{n} lacks {sorted(missing)}")
+                raise ValueError(f"{path}:{n} lacks {sorted(missing)}: rerun the assemble stage")
+            if type(r["group"]) is not int:
+                raise ValueError(f"{path}:{n} has group {r['group']!r}; groups are ints: rerun the assemble stage")
+            for key in ("reference_id", "target_id"):
+                if key in r and not (isinstance(r[key], str) and r[key]):
+                    raise ValueError(f"{path}:{n} has {key} {r[key]!r}, not an image id string")
             # ids stay relative (gallery names), paths become absolute for loading
             r.update(
-                reference_id=r["reference"],
-                target_id=r["target"],
+                reference_id=r.get("reference_id", r["reference"]),
+                target_id=r.get("target_id", r["target"]),
                 reference=str(root / r["reference"]),
                 target=str(root / r["target"]),
             )
@@ -71,7 +82,7 @@ class CIRHSDataModule(CIRDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform: Transform | None = None,
-        group_size: int = 2,
+        group_size: int = 4,
         val_split: str = "val",
         seed: int = 0,
     ):
@@ -88,8 +99,9 @@ class CIRHSDataModule(CIRDataModule):
         if self.records:
             return
         records = read_triplets(self.root)
-        # one error for all missing images, before any step runs
-        check_files_exist(sorted({p for r in records for p in (r["reference"], r["target"])}))
+        # one error for all missing or undecodable images, before any step runs (or a listed skip)
+        where = {r[k]: f"triplets.jsonl triplet {n}" for n, r in enumerate(records, 1) for k in ("reference", "target")}
+        records = self.usable_records(records, "image", where)
         for split in ("train", self.val_split):
             self.records[split] = [dict(r, index=i) for i, r in enumerate(x for x in records if x["split"] == split)]
         if not self.records["train"]:

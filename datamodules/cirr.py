@@ -164,7 +164,9 @@ class CIRRDataModule(BenchmarkDataModule):
             query scores the best ``target_soft`` value in its top K (the CIRR authors' own evaluation).
         batch_size: queries (or images) per batch; for training, a multiple of ``group_size``.
         num_workers: loader worker processes.
-        image_transform: PIL -> tensor; None uses the attached model's ``preprocess``.
+        image_transform: PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
+        skip_bad_images: drop (with a warning) what needs an image that is missing or cannot be decoded,
+            instead of stopping before the first step (training split only for a benchmark).
         group_size: training pairs of one image set kept together in a batch (1: plain shuffled batches).
         seed: seed of the per-epoch shuffles of the grouped training batches.
     """
@@ -180,10 +182,17 @@ class CIRRDataModule(BenchmarkDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform=None,
+        skip_bad_images: bool = False,
         group_size: int = 4,
         seed: int = 0,
     ) -> None:
-        super().__init__(root, batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        super().__init__(
+            root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
         if labels not in ("hard", "soft"):
             raise ValueError(f"labels must be 'hard' or 'soft', got {labels!r}")
         if group_size < 1:

@@ -180,7 +180,9 @@ class FashionIQDataModule(BenchmarkDataModule):
         image_extension: ``.png`` or ``.jpg``; None looks at the images folder once and picks the one present.
         batch_size: queries (or images) per batch.
         num_workers: loader worker processes.
-        image_transform: PIL -> tensor; None uses the attached model's ``preprocess``.
+        image_transform: PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
+        skip_bad_images: drop (with a warning) what needs an image that is missing or cannot be decoded,
+            instead of stopping before the first step (training split only for a benchmark).
     """
 
     benchmark = "fashioniq"
@@ -199,8 +201,15 @@ class FashionIQDataModule(BenchmarkDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform=None,
+        skip_bad_images: bool = False,
     ) -> None:
-        super().__init__(root, batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        super().__init__(
+            root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
         categories = [categories] if isinstance(categories, str) else list(categories)
         unknown = [c for c in categories if c not in CATEGORIES]
         if not categories:

@@ -92,7 +92,9 @@ class TripletsDataModule(CIRDataModule):
         exclude_reference: remove each validation query's reference image from its ranking.
         batch_size: triplets (or gallery images) per batch.
         num_workers: loader worker processes.
-        image_transform: callable PIL -> tensor; None takes the attached model's ``preprocess``.
+        image_transform: PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
+        skip_bad_images: drop (with a warning) what needs an image that is missing or cannot be decoded,
+            instead of stopping before the first step (training split only for a benchmark).
     """
 
     has_gallery = True
@@ -108,8 +110,14 @@ class TripletsDataModule(CIRDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform: Transform | None = None,
+        skip_bad_images: bool = False,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if group_size < 1:

@@ -5,8 +5,10 @@ CPU, per stage:
 
 * **orchestrated**: ``run_stage`` on a fresh folder (rank/shard bookkeeping, skip checks, reading the previous
   stage's artifacts, atomic JSON/PNG writes, failure isolation, progress bar), minus model loading and release;
-* **bare**: the same model calls on the same batches (``ChatLLM.generate``, the diffusers pipeline, the
-  filters' ``score``), results kept in memory, nothing written.
+* **bare**: the same backend calls on the same batches (the chat backend's ``generate``, the render backend's
+  ``render``, the filters' ``score``), results kept in memory, nothing written.
+
+Items are groups (``group_size`` panels each; the filters score ``group_size - 1`` member pairs per group).
 
 Both run alternately ``--repeats`` times in one process; the median of each is reported. Budget: the runner
 adds at most 10%. ``shard_size`` is raised to 1000 (as in a real config): tiny.yaml's shards of 4 exist to
@@ -33,10 +35,10 @@ from coalign.io import read_json
 from coalign.synthesis import RunContext, load_config
 from coalign.synthesis._io import derive_seed, item_path
 from coalign.synthesis.assemble import assemble
-from coalign.synthesis.filter import FilterStage, PairInput, build_filters
-from coalign.synthesis.prompts import PromptsStage, finalize_prompts, load_quadruples
-from coalign.synthesis.quadruples import conversation, draw
-from coalign.synthesis.render import RenderStage, diptych_prompt
+from coalign.synthesis.filter import FilterStage, build_filters, member_pairs
+from coalign.synthesis.groups import conversation, draw, group_captions
+from coalign.synthesis.prompts import PromptsStage, finalize_prompts, load_groups
+from coalign.synthesis.render import RenderStage, panel_seeds
 from coalign.synthesis.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +70,12 @@ def batches(items: list, size: int) -> list[list]:
 def bare_prompts(stage: PromptsStage) -> float:
     stage.setup()
     cfg = stage.config
-    n = cfg.num_quadruples
+    n = cfg.num_groups
     convs = [conversation(draw(cfg.taxonomy, stage.seed, i), cfg) for i in range(n)]
     start = time.perf_counter()
     for block in batches(list(range(n)), cfg.batch_size):
-        stage.llm.generate([convs[i] for i in block], [derive_seed(stage.seed, "prompts", i, 0) for i in block])
+        seeds = [derive_seed(stage.seed, "prompts", i, 0) for i in block]
+        stage.backend.generate([convs[i] for i in block], seeds, cfg.group_size - 1)
     elapsed = time.perf_counter() - start
     stage.teardown()
     return elapsed
@@ -81,19 +84,12 @@ def bare_prompts(stage: PromptsStage) -> float:
 def bare_render(stage: RenderStage) -> float:
     stage.setup()
     cfg, size = stage.config, stage.config.image_size
-    quads = [stage.quads[i] for i in sorted(stage.quads)]
+    groups = [stage.groups[i] for i in sorted(stage.groups)]
     start = time.perf_counter()
-    for block in batches(quads, cfg.batch_size):
-        generators = [torch.Generator().manual_seed(derive_seed(stage.seed, "render", q["index"])) for q in block]
-        stage.pipe(
-            prompt=[diptych_prompt(cfg.prompt_template, q) for q in block],
-            height=size,
-            width=2 * size,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=generators,
-            **cfg.call_kwargs,
-        )
+    for block in batches(groups, cfg.batch_size):
+        captions = [group_captions(g) for g in block]
+        seeds = [panel_seeds(stage.seed, g["index"], len(c), True)[0] for g, c in zip(block, captions, strict=True)]
+        stage.backend.render(captions, seeds, size)
     elapsed = time.perf_counter() - start
     stage.teardown()
     return elapsed
@@ -101,16 +97,13 @@ def bare_render(stage: RenderStage) -> float:
 
 def bare_filters(filters, out: Path, shard_size: int, block: int) -> float:
     """The cascade on the same blocks, every pair kept (the benchmark's thresholds keep all), nothing written."""
-    quads = load_quadruples(out)
-    records = {q["index"]: read_json(item_path(out / "render" / "items", q["index"], shard_size)) for q in quads}
+    groups = load_groups(out)
+    records = {g["index"]: read_json(item_path(out / "render" / "items", g["index"], shard_size)) for g in groups}
     for f in filters:
         f.setup(torch.device("cpu"))
     start = time.perf_counter()
-    for chunk in batches(quads, block):
-        pairs = [
-            PairInput(q["index"], q, out / records[q["index"]]["reference"], out / records[q["index"]]["target"])
-            for q in chunk
-        ]
+    for chunk in batches(groups, block):
+        pairs = [p for g in chunk for p in member_pairs(g, records[g["index"]], out)]
         for f in filters:
             for sub in batches(pairs, f.batch_size):
                 f.score(sub)
@@ -122,7 +115,7 @@ def bare_filters(filters, out: Path, shard_size: int, block: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=48, help="quadruples per stage")
+    parser.add_argument("--items", type=int, default=48, help="groups per stage")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -132,7 +125,7 @@ def main() -> None:
         [
             "--shard_size",
             "1000",
-            "--prompts.num_quadruples",
+            "--prompts.num_groups",
             str(args.items),
             "--filter.clip.min_direction",
             "-1",

@@ -10,7 +10,17 @@ The on-disk format and every design choice the paper leaves open are documented 
 Nothing here imports diffusers until the render stage loads a pipeline.
 """
 
-from .assemble import DATASET_FILES, push_to_hub
+from .assemble import DATASET_FILES, group_triplets, push_to_hub
+from .backends import (
+    ChatBackend,
+    JudgeBackend,
+    RenderBackend,
+    ScorerBackend,
+    grid_shape,
+    list_backends,
+    register_backend,
+    split_grid,
+)
 from .cli import load_config, synthesize_command
 from .config import (
     AssembleConfig,
@@ -25,15 +35,19 @@ from .config import (
     Taxonomy,
 )
 from .filter import ImageCheck, PairFilter, PairInput
+from .groups import GroupError, parse_group
 from .pipeline import STAGES, run
-from .quadruples import QuadrupleError, parse_quadruple
-from .render import split_composite
 from .runner import RunContext, launch
 
 __all__ = [
     "STAGES",
     "DATASET_FILES",
     "AssembleConfig",
+    "ChatBackend",
+    "GroupError",
+    "JudgeBackend",
+    "RenderBackend",
+    "ScorerBackend",
     "ClipFilterConfig",
     "FilterConfig",
     "ImageCheck",
@@ -43,16 +57,19 @@ __all__ = [
     "PairFilter",
     "PairInput",
     "PromptsConfig",
-    "QuadrupleError",
     "RenderConfig",
     "RunContext",
     "SynthesisConfig",
     "Taxonomy",
+    "grid_shape",
+    "group_triplets",
     "launch",
+    "list_backends",
     "load_config",
-    "parse_quadruple",
+    "parse_group",
     "push_to_hub",
+    "register_backend",
     "run",
-    "split_composite",
+    "split_grid",
     "synthesize_command",
 ]

@@ -32,11 +32,11 @@ __all__ = [
 ]
 
 ID_PREFIX = "q"
-ID_DIGITS = 8  # up to 100M quadruples; ids sort in index order as plain strings
+ID_DIGITS = 8  # up to 100M groups; ids sort in index order as plain strings
 
 
 def item_id(index: int) -> str:
-    """The id of quadruple ``index``: ``q00000042``. Every artifact of the quadruple is named after it."""
+    """The id of group ``index``: ``q00000042``. Every artifact of the group is named after it."""
     return f"{ID_PREFIX}{index:0{ID_DIGITS}d}"
 
 

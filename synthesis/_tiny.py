@@ -51,7 +51,7 @@ def _seeded(build: Callable[[], Any]) -> Any:
 def word_tokenizer(extra_tokens: tuple[str, ...] = ()):
     """A whitespace word-level tokenizer over :data:`TINY_WORDS` with a simple chat template.
 
-    ``extra_tokens`` become single tokens (the JSON pieces of a quadruple, ``<image>``), so that decoding
+    ``extra_tokens`` become single tokens (the JSON pieces of a group, ``<image>``), so that decoding
     reproduces them exactly.
     """
     # tokenizers / transformers: heavy, imported only when a tiny model is built
@@ -205,7 +205,7 @@ def tiny_diffusion_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel  # heavy, as above
 
-    tok = clip_tokenizer(max_length=256)  # character-level: a diptych prompt is ~200 characters
+    tok = clip_tokenizer(max_length=256)  # character-level: a grid prompt is a few hundred characters
 
     def build():
         unet = UNet2DConditionModel(

@@ -1,20 +1,27 @@
-"""Stage 4, assemble: kept pairs become triplets in both directions, with groups, a split, a card and a preview.
+"""Stage 4, assemble: each group's kept members become triplets under one group id, with a split, card and preview.
 
 The dataset folder is ``OUT`` itself (the stage folders beside it are never uploaded):
 
-* ``triplets.jsonl``: one object per triplet (format below), forward then backward, in id order.
-* ``images/<shard>/<id>_ref.png`` and ``<id>_tgt.png``: the kept pairs only, hard-linked from ``render/images``
-  (no extra disk; copied when the file system refuses links). Images of pairs no longer kept are removed.
-* ``stats.json`` and ``README.md`` (the dataset card), ``preview.png`` (a grid of sample triplets).
+* ``triplets.jsonl``: one object per triplet (format below), group by group in id order.
+* ``images/<shard>/<id>_p<k>.png``: the kept panels only (the source and the kept edits), hard-linked from
+  ``render/images`` (no extra disk; copied when the file system refuses links). Panels no longer kept are removed.
+* ``stats.json`` and ``README.md`` (the dataset card), ``preview.png`` (groups: panels, captions, filter scores).
 
-A triplet object: ``id`` (``<quadruple id>-f`` or ``-b``), ``reference`` and ``target`` (image paths relative
-to the folder), ``text`` (modification text), ``group`` (int: the quadruple index, shared by its two triplets),
-``split`` (``train``/``val``), ``direction`` (``forward``/``backward``), ``reference_caption``,
-``target_caption``, ``domain``, ``edit_type``.
+**Reorganisation** (:func:`group_triplets`). Panel 0 is the source, panel ``k`` is edit ``k - 1``. For every kept
+edit, in order: source -> edit with its ``forward`` text, then edit -> source with its ``backward`` text; then, in
+the group's order, edit ``i`` -> edit ``j`` for every ``cross`` text whose two edits were both kept. All of them
+share ``group`` (the group index, unique per group), so a batch holding several of them gives each query the
+other targets of its group as soft positives.
 
-The split is by group, so both directions of a quadruple land on the same side: groups are ordered by a hash of
-``(seed, index)`` and the first ``round(val_fraction * groups)`` go to ``val`` (at least one when
-``val_fraction > 0`` and there are two groups or more).
+A triplet object: ``id`` (``<group id>-<reference panel>-<target panel>``), ``reference`` and ``target`` (image
+paths relative to the folder), ``reference_id`` and ``target_id`` (image ids: the same paths, so that training can
+tell a query's own reference image among the group's targets), ``text`` (modification text), ``group`` (int),
+``split`` (``train``/``val``), ``direction`` (``forward`` source -> edit, ``backward`` edit -> source, ``cross``
+edit -> edit), ``reference_caption``, ``target_caption``, ``domain``, ``edit_type``.
+
+The split is by group, never splitting one: groups are ordered by a hash of ``(seed, index)`` and the first
+``round(val_fraction * groups)`` go to ``val`` (at least one when ``val_fraction > 0`` and there are two groups or
+more).
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from ._io import derive_seed, item_path
 from .card import dataset_stats, draw_preview, write_card
 from .config import SynthesisConfig
 from .filter import PairFilter, decide, load_scores
-from .prompts import load_quadruples
+from .groups import group_captions
+from .prompts import load_groups
 from .render import load_renders
 
-__all__ = ["assemble", "push_to_hub", "DATASET_FILES"]
+__all__ = ["assemble", "group_triplets", "push_to_hub", "DATASET_FILES"]
 
 #: What ``push_to_hub`` uploads from ``OUT``: the dataset, never the intermediate stage folders.
 DATASET_FILES = ["triplets.jsonl", "README.md", "stats.json", "preview.png", "images/**"]
@@ -59,68 +67,111 @@ def _split(config: SynthesisConfig, indices: Sequence[int]) -> set[int]:
     return set(order[:n_val])
 
 
-def _triplets(quad: dict[str, Any], split: str, ref: str, tgt: str) -> list[dict[str, Any]]:
-    meta = {"group": quad["index"], "split": split, "domain": quad["domain"], "edit_type": quad["edit_type"]}
-    forward = {
-        "id": f"{quad['id']}-f",
-        "reference": ref,
-        "target": tgt,
-        "text": quad["forward"],
-        "direction": "forward",
-        "reference_caption": quad["reference_caption"],
-        "target_caption": quad["target_caption"],
-        **meta,
-    }
-    backward = {
-        "id": f"{quad['id']}-b",
-        "reference": tgt,
-        "target": ref,
-        "text": quad["backward"],
-        "direction": "backward",
-        "reference_caption": quad["target_caption"],
-        "target_caption": quad["reference_caption"],
-        **meta,
-    }
-    return [forward, backward]
+def group_triplets(
+    group: dict[str, Any], kept: Sequence[int], paths: Sequence[str], split: str
+) -> list[dict[str, Any]]:
+    """The triplets of one group (see the module docstring for the order).
 
-
-def assemble(
-    config: SynthesisConfig, out: Path, filters: Sequence[PairFilter], cache: dict | None = None
-) -> dict[str, Any]:
-    """Write the dataset folder from the kept pairs; returns the statistics (also in ``stats.json``).
-
-    ``cache``: the filter scores this process already holds (see :class:`.filter.FilterStage`).
+    Args:
+        group: a line of ``prompts/groups.jsonl``.
+        kept: positions in ``group["edits"]`` of the kept edits.
+        paths: image path of every panel (index 0 the source), relative to the dataset folder.
+        split: ``train`` or ``val``.
     """
+    captions = group_captions(group)
+    kept = sorted(set(kept))
+
+    def triplet(a: int, b: int, text: str, direction: str) -> dict[str, Any]:
+        return {
+            "id": f"{group['id']}-{a}-{b}",
+            "reference": paths[a],
+            "target": paths[b],
+            "reference_id": paths[a],
+            "target_id": paths[b],
+            "text": text,
+            "group": group["index"],
+            "split": split,
+            "direction": direction,
+            "reference_caption": captions[a],
+            "target_caption": captions[b],
+            "domain": group["domain"],
+            "edit_type": group["edit_type"],
+        }
+
+    out = []
+    for k in kept:
+        out.append(triplet(0, k + 1, group["edits"][k]["forward"], "forward"))
+        out.append(triplet(k + 1, 0, group["edits"][k]["backward"], "backward"))
+    for cross in group.get("cross", []):
+        if cross["from"] in kept and cross["to"] in kept:
+            out.append(triplet(cross["from"] + 1, cross["to"] + 1, cross["text"], "cross"))
+    return out
+
+
+def assemble(config: SynthesisConfig, out: Path, filters: Sequence[PairFilter]) -> dict[str, Any]:
+    """Write the dataset folder from the kept members of every group; returns the statistics (``stats.json``)."""
     out = Path(out)
-    quads = load_quadruples(out)
-    renders = load_renders(out, [q["index"] for q in quads], config.shard_size)
-    kept = [
-        q
-        for q in quads
-        if q["index"] in renders and decide(filters, load_scores(out, q["index"], config.shard_size))[0] == "kept"
-    ]
-    val = _split(config, [q["index"] for q in kept])
+    groups = load_groups(out)
+    renders = load_renders(out, [g["index"] for g in groups], config.shard_size)
+    kept: dict[int, list[int]] = {}  # group index -> kept edit positions, for groups that keep any
+    decisions: dict[int, list[tuple[str, str | None]]] = {}
+    scores: dict[int, list[dict[str, Any]]] = {}
+    for g in groups:
+        if g["index"] not in renders:
+            continue
+        scores[g["index"]] = members = load_scores(out, g["index"], config.shard_size)
+        decisions[g["index"]] = [decide(filters, m) for m in members]
+        if len(members) == len(g["edits"]) and all(d != "pending" for d, _ in decisions[g["index"]]):
+            if positions := [k for k, (d, _) in enumerate(decisions[g["index"]]) if d == "kept"]:
+                kept[g["index"]] = positions
+    val = _split(config, sorted(kept))
     triplets, expected = [], set()
-    for q in kept:
+    for g in groups:
+        if g["index"] not in kept:
+            continue
         paths = []
-        for key, suffix in (("reference", "ref"), ("target", "tgt")):
-            dst = item_path(out / "images", q["index"], config.shard_size, f"_{suffix}.png")
-            src = out / renders[q["index"]][key]
-            if config.assemble.link_images:
-                _link_or_copy(src, dst)
-                paths.append(str(dst.relative_to(out)))
-            else:
-                paths.append(str(src.relative_to(out)))
-            expected.add(dst)
-        triplets.extend(_triplets(q, "val" if q["index"] in val else "train", *paths))
-    if (out / "images").is_dir():  # pairs a changed threshold no longer keeps must leave the dataset too
+        for panel, src in enumerate(renders[g["index"]]["panels"]):
+            dst = item_path(out / "images", g["index"], config.shard_size, f"_p{panel}.png")
+            if panel == 0 or panel - 1 in kept[g["index"]]:
+                if config.assemble.link_images:
+                    _link_or_copy(out / src, dst)
+                expected.add(dst)
+            paths.append(str(dst.relative_to(out)) if config.assemble.link_images else src)
+        split = "val" if g["index"] in val else "train"
+        triplets.extend(group_triplets(g, kept[g["index"]], paths, split))
+    if (out / "images").is_dir():  # panels a changed threshold no longer keeps must leave the dataset too
         for stale in [p for p in (out / "images").glob("*/*.png") if p not in expected]:
             stale.unlink()
     write_jsonl(out / "triplets.jsonl", triplets)
-    stats = dataset_stats(config, out, quads, renders, kept, triplets)
+    stats = dataset_stats(config, out, groups, renders, kept, triplets)
     write_card(out, config, stats)
-    draw_preview(out, triplets, config.assemble.preview_triplets, config.seed)
+    rows = _preview_rows(groups, renders, decisions, scores, config.assemble.preview_groups, config.seed)
+    draw_preview(out, rows)
     return stats
+
+
+def _note(scores: dict[str, Any], decision: tuple[str, str | None]) -> str:
+    status, by = decision
+    parts = [status if by is None else f"{status} by {by}"]
+    if "clip" in scores:
+        parts.append(f"clip {scores['clip']['target_caption']:.2f}")
+    if "judge" in scores:
+        parts.append(f"judge {scores['judge']['min_yes']:.2f}")
+    return ", ".join(parts)
+
+
+def _preview_rows(groups, renders, decisions, scores, count: int, seed: int) -> list[dict[str, Any]]:
+    """Up to ``count`` scored groups for ``preview.png``, seeded, one with a rejected member first if any."""
+    scored = [g for g in groups if g["index"] in decisions and len(decisions[g["index"]]) == len(g["edits"])]
+    order = sorted(scored, key=lambda g: derive_seed(seed, "preview", g["index"]))
+    mixed = [g for g in order if {d for d, _ in decisions[g["index"]]} >= {"kept", "rejected"}]
+    chosen = (mixed[:1] + [g for g in order if g not in mixed[:1]])[: max(count, 0)]
+    rows = []
+    for g in chosen:
+        i = g["index"]
+        notes = ["source"] + [_note(s, d) for s, d in zip(scores[i], decisions[i], strict=True)]
+        rows.append({"id": g["id"], "panels": renders[i]["panels"], "captions": group_captions(g), "notes": notes})
+    return rows
 
 
 def push_to_hub(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import textwrap
 from collections import Counter
@@ -16,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from coalign.io import atomic_save_image, atomic_write_json, atomic_write_text, read_json
 
 from ._io import list_failures
-from .config import SynthesisConfig
+from .config import ModelSpec, SynthesisConfig
+from .groups import group_captions
 
 __all__ = ["dataset_stats", "write_card", "draw_preview"]
 
@@ -35,39 +35,49 @@ def _report(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def dataset_stats(config: SynthesisConfig, out: Path, quads, renders, kept, triplets) -> dict[str, Any]:
-    """Counts, text lengths, pass rates and the models used; also written to ``stats.json``."""
+def dataset_stats(config: SynthesisConfig, out: Path, groups, renders, kept, triplets) -> dict[str, Any]:
+    """Counts, text lengths, pass rates and the models used; also written to ``stats.json``.
+
+    ``kept`` maps each kept group's index to its kept edit positions.
+    """
     prompts, filters = _report(out / "prompts" / "report.json"), _report(out / "filter" / "report.json")
     splits = Counter(t["split"] for t in triplets)
+    directions = Counter(t["direction"] for t in triplets)
+    by_index = {g["index"]: g for g in groups}
+    kept_groups = [by_index[i] for i in kept]
     f = config.filter
     stats = {
         "counts": {
-            "quadruples_requested": config.prompts.num_quadruples,
-            "quadruples_valid": prompts.get("ok"),
-            "quadruples_malformed": prompts.get("malformed"),
+            "groups_requested": config.prompts.num_groups,
+            "group_size": config.prompts.group_size,
+            "groups_valid": prompts.get("ok"),
+            "groups_malformed": prompts.get("malformed"),
             "near_duplicates_removed": prompts.get("duplicates"),
-            "quadruples_rendered": len(renders),
-            "quadruples_kept": len(kept),
-            "groups": len(kept),
+            "groups_rendered": len(renders),
+            "groups_kept": len(kept),
+            "groups_dropped": filters.get("groups", {}).get("dropped"),
+            "members_kept": sum(len(v) for v in kept.values()),
+            "members_rejected": filters.get("members", {}).get("rejected"),
             "triplets": len(triplets),
             "triplets_train": splits.get("train", 0),
             "triplets_val": splits.get("val", 0),
+            "triplets_by_direction": dict(sorted(directions.items())),
         },
         "pass_rates": {
             "overall": filters.get("pass_rate"),
             **{k: v.get("pass_rate") for k, v in filters.get("filters", {}).items()},
         },
         "text_words": _lengths([t["text"] for t in triplets]),
-        "caption_words": _lengths([q[k] for q in kept for k in ("reference_caption", "target_caption")]),
-        "edit_types": dict(Counter(q["edit_type"] for q in kept).most_common()),
-        "domains": dict(Counter(q["domain"] for q in kept).most_common()),
+        "caption_words": _lengths([c for g in kept_groups for c in group_captions(g)]),
+        "edit_types": dict(Counter(g["edit_type"] for g in kept_groups).most_common()),
+        "domains": dict(Counter(g["domain"] for g in kept_groups).most_common()),
         "models": {
-            "llm": config.prompts.llm.describe(),
-            "text_to_image": config.render.model.describe(),
-            "clip_filter": f.clip.model.describe() if f.clip else None,
-            "judge": f.judge.model.describe() if f.judge else None,
+            "llm": _describe(config.prompts.backend, config.prompts.llm),
+            "text_to_image": _describe(config.render.backend, config.render.model),
+            "clip_filter": _describe(f.clip.backend, f.clip.model) if f.clip else None,
+            "judge": _describe(f.judge.backend, f.judge.model) if f.judge else None,
         },
-        "render_strategy": config.render.strategy,
+        "render": "one composite grid per group, split" if config.render.composite else "separately seeded panels",
         "image_size": config.render.image_size,
         "seed": config.seed,
         # an incomplete dataset says so: items whose model call failed, or not yet filtered, are missing
@@ -75,12 +85,16 @@ def dataset_stats(config: SynthesisConfig, out: Path, quads, renders, kept, trip
             "failed_items": {
                 stage: sum(1 for _ in list_failures(out, stage)) for stage in ("prompts", "render", "filter")
             },
-            "filter_pending": filters.get("pending", 0),
-            "not_rendered": len(quads) - len(renders),
+            "filter_pending": filters.get("groups", {}).get("pending", 0),
+            "not_rendered": len(groups) - len(renders),
         },
     }
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+def _describe(backend: dict[str, Any] | None, model: ModelSpec) -> str:
+    return backend["class_path"] if backend is not None else model.describe()
 
 
 def _size_category(n: int) -> str:
@@ -111,14 +125,14 @@ tags:
 
 Synthetic composed-image-retrieval triplets (reference image + modification text -> target image), made with
 the CIRHS recipe of *Automatic Synthesis of High-Quality Triplet Data for Composed Image Retrieval*
-(arXiv 2507.05970) by `coalign synthesize`: an LLM writes caption quadruples, a text-to-image model renders
-each as one {stats["render_strategy"]} image pair, filters keep the good pairs, and each pair gives two triplets
-(forward and backward) that share a `group`.
+(arXiv 2507.05970) by `coalign synthesize`: an LLM describes groups of {c["group_size"]} scenes (a source and its
+edits), a text-to-image model renders each group ({stats["render"]}), filters keep the good (source, edit) pairs,
+and each group is reorganised into triplets (source <-> edit, edit -> edit) that share a `group` id.
 
 | | |
 |---|---|
 | LLM | `{m["llm"]}` |
-| text-to-image | `{m["text_to_image"]}` ({stats["render_strategy"]}, {stats["image_size"]} px halves) |
+| text-to-image | `{m["text_to_image"]}` ({stats["render"]}, {stats["image_size"]} px panels) |
 | CLIP filter | `{m["clip_filter"]}` |
 | judge | `{m["judge"]}` |
 
@@ -126,27 +140,30 @@ each as one {stats["render_strategy"]} image pair, filters keep the good pairs, 
 
 | | |
 |---|---|
-| quadruples requested / valid / kept | {c["quadruples_requested"]} / {c["quadruples_valid"]} / {c["quadruples_kept"]} |
+| groups requested / valid | {c["groups_requested"]} / {c["groups_valid"]} |
+| groups kept / dropped by the filters | {c["groups_kept"]} / {c["groups_dropped"]} |
+| edits kept / rejected | {c["members_kept"]} / {c["members_rejected"]} |
 | near-duplicates removed | {c["near_duplicates_removed"]} |
 | triplets (train / val) | {c["triplets"]} ({c["triplets_train"]} / {c["triplets_val"]}) |
-| groups | {c["groups"]} |
+| triplets by direction | {", ".join(f"{k} {v}" for k, v in c["triplets_by_direction"].items()) or "-"} |
 | modification text words (mean / median / max) | {t["mean"]} / {t["median"]} / {t["max"]} |
 
 | filter | pass rate |
 |---|---|
 {rates}
 
-Full statistics: `stats.json`. Sample triplets: `preview.png`.
+Full statistics: `stats.json`. Sample groups (panels, captions, filter decisions and scores): `preview.png`.
 
 ## Format
 
 `triplets.jsonl`, one JSON object per line: `reference` and `target` (image paths relative to this folder),
-`text` (modification text), `group` (triplets of one source pair share it), `split` (`train`/`val`),
-`direction` (`forward`/`backward`), `reference_caption`, `target_caption`, `domain`, `edit_type`, `id`.
+`reference_id` and `target_id` (image ids), `text` (modification text), `group` (int: the triplets of one
+group share it), `split` (`train`/`val`), `direction` (`forward` source -> edit, `backward` edit -> source,
+`cross` edit -> edit), `reference_caption`, `target_caption`, `domain`, `edit_type`, `id`.
 
 ```python
 from coalign.datamodules import CIRHSDataModule
-dm = CIRHSDataModule(root="path/to/this/folder", batch_size=64, group_size=2)
+dm = CIRHSDataModule(root="path/to/this/folder", batch_size=64, group_size=4)
 ```
 
 ## License
@@ -162,7 +179,8 @@ LLM (`{m["llm"]}`); check both before any use.
             {
                 "seed": config.seed,
                 "prompts": {
-                    "num_quadruples": config.prompts.num_quadruples,
+                    "num_groups": config.prompts.num_groups,
+                    "group_size": config.prompts.group_size,
                     "temperature": config.prompts.temperature,
                     "top_p": config.prompts.top_p,
                 },
@@ -176,21 +194,31 @@ LLM (`{m["llm"]}`); check both before any use.
     atomic_write_text(out / "README.md", card)
 
 
-def draw_preview(out: Path, triplets: Sequence[dict[str, Any]], count: int, seed: int, thumb: int = 160) -> None:
-    """``preview.png``: one row per sampled triplet: reference | modification text | target."""
-    if not triplets or count <= 0:
+def draw_preview(out: Path, rows: Sequence[dict[str, Any]], thumb: int = 128) -> None:
+    """``preview.png``: one row per group: its panels, each with its caption and its filter decision and scores.
+
+    Args:
+        out: the dataset folder (panel paths are relative to it).
+        rows: ``{"id", "panels": [paths], "captions": [...], "notes": [...]}`` per group.
+        thumb: side of a panel thumbnail.
+    """
+    if not rows:
         (out / "preview.png").unlink(missing_ok=True)
         return
-    rows = random.Random(seed).sample(list(triplets), min(count, len(triplets)))
-    text_w, pad = 2 * thumb, 6
-    grid = Image.new("RGB", (2 * thumb + text_w + 4 * pad, len(rows) * (thumb + pad) + pad), "white")
+    pad, text_h = 6, 84
+    cols = max(len(r["panels"]) for r in rows)
+    grid = Image.new("RGB", (cols * (thumb + pad) + pad, len(rows) * (thumb + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=13)
-    for n, t in enumerate(rows):
-        y = pad + n * (thumb + pad)
-        for x, key in ((pad, "reference"), (3 * pad + thumb + text_w, "target")):
-            with Image.open(out / t[key]) as im:
+    font = ImageFont.load_default(size=11)
+    for n, row in enumerate(rows):
+        y = pad + n * (thumb + text_h + pad)
+        for k, (path, caption, note) in enumerate(zip(row["panels"], row["captions"], row["notes"], strict=True)):
+            x = pad + k * (thumb + pad)
+            with Image.open(out / path) as im:
                 grid.paste(im.convert("RGB").resize((thumb, thumb)), (x, y))
-        lines = textwrap.wrap(f"{t['text']}  [{t['direction']}, group {t['group']}]", width=text_w // 7)
-        draw.multiline_text((2 * pad + thumb, y + 4), "\n".join(lines[:9]), fill="black", font=font)
+            if note.startswith("rejected"):
+                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), outline="red", width=3)
+            label = f"{row['id']} {note}" if k == 0 else note
+            lines = [label] + textwrap.wrap(caption, width=thumb // 6)
+            draw.multiline_text((x, y + thumb + 2), "\n".join(lines[:6]), fill="black", font=font)
     atomic_save_image(out / "preview.png", grid)

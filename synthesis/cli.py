@@ -29,9 +29,10 @@ __all__ = ["synthesize", "synthesize_command", "build_parser", "load_config"]
 
 PROG = "coalign synthesize"
 
-_DESCRIPTION = """Synthesize CIR triplets with the CIRHS recipe: an LLM writes caption quadruples (prompts), a
-text-to-image model renders each as an image pair (render), filters keep the good pairs (filter), and the pairs
-become grouped triplets with a dataset card (assemble). Each stage skips finished items, so rerunning the same
+_DESCRIPTION = """Synthesize CIR triplets with the CIRHS recipe: an LLM describes groups (a source scene and its
+edits; prompts), a text-to-image model renders each group as one composite grid split into panels (render), filters
+keep the good (source, edit) pairs (filter), and each group becomes triplets under one group id with a dataset
+card (assemble). Each stage skips finished items, so rerunning the same
 command resumes an interrupted run. With --devices N (or several nodes) the ranks share every stage by shards."""
 
 _EPILOG = """\
@@ -41,7 +42,7 @@ examples:
   coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny
   coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --devices 8
   coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage render --devices 8
-  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny --prompts.num_quadruples 4
+  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny --prompts.num_groups 4
   coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage assemble --push_to_hub me/cirhs
 """
 
@@ -70,8 +71,8 @@ def synthesize(
         output: output folder, shared by all ranks.
         seed: global seed; every item's sampling seed derives from it and the item id.
         shard_size: items per shard (one folder per shard and stage; ranks take whole shards).
-        prompts: stage 1, an LLM writes caption quadruples.
-        render: stage 2, a text-to-image model renders each quadruple as an image pair.
+        prompts: stage 1, a chat model describes groups (a source caption, its edits and their texts).
+        render: stage 2, a text-to-image model renders each group as one composite grid, split into panels.
         filter: stage 3, the filter cascade (image check, CLIP score, multimodal-LLM judge).
         assemble: stage 4, triplets, dataset card, statistics and preview.
         stage: run only this stage (default: all four, in order).
@@ -95,7 +96,8 @@ def synthesize(
         return 0
     for name, report in reports.items():
         if name != "failed":
-            brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("counts", "filters")}
+            shown = ("counts", "filters", "groups", "members")
+            brief = {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in shown}
             print(f"[{name}] {json.dumps(brief)}")
     if reports["failed"]:
         print(f"items failed: {reports['failed']}; see {output}/failures/ and rerun the same command to retry them")

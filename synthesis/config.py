@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "check_backend",
     "ModelSpec",
     "Taxonomy",
     "PromptsConfig",
@@ -51,6 +52,28 @@ class ModelSpec:
     def describe(self) -> str:
         """What the dataset card names as the model."""
         return "tiny random model (test)" if self.tiny else str(self.name)
+
+
+_BACKEND_KEYS = {"class_path", "init_args"}
+
+
+def check_backend(spec: dict[str, Any] | None, where: str) -> None:
+    """Validate a stage's ``backend`` field: null, or ``{class_path: <registered backend>, init_args: {...}}``.
+
+    It is a plain dict rather than a dataclass: jsonargparse would read a ``class_path`` key as a class to import.
+    """
+    if spec is None:
+        return
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("class_path"), str)
+        or set(spec) - {"class_path", "init_args"}
+    ):
+        raise ValueError(
+            f"{where} must be {{class_path: <registered backend>, init_args: {{...}}}} or null, got {spec!r}"
+        )
+    if not isinstance(spec.get("init_args", {}), dict):
+        raise ValueError(f"{where}.init_args must be a mapping of constructor arguments, got {spec['init_args']!r}")
 
 
 def _default_domains() -> list[str]:
@@ -94,7 +117,7 @@ def _default_edit_types() -> dict[str, str]:
 
 @dataclass
 class Taxonomy:
-    """What the LLM is asked to write about: each quadruple draws one domain and one edit type, seeded by its id.
+    """What the LLM is asked to write about: each group draws one domain and one edit type, seeded by its id.
 
     Args:
         domains: subject domains.
@@ -111,13 +134,18 @@ class Taxonomy:
 
 @dataclass
 class PromptsConfig:
-    """Stage 1: an instruction-tuned LLM writes caption quadruples as JSON.
+    """Stage 1: a chat model describes each group as JSON: a source caption and ``group_size - 1`` edits of it.
 
     Args:
-        num_quadruples: quadruples to ask for (ids ``q00000000`` ...); raise it on a later run to extend a dataset.
-        llm: the chat model (any transformers causal LM with a chat template).
-        constrained: JSON-constrained decoding: the model only chooses the words inside the four strings, so
-            every answer parses. Lengths and content are still validated.
+        num_groups: groups to ask for (ids ``q00000000`` ...); raise it on a later run to extend a dataset.
+        group_size: panels per group: the source and ``group_size - 1`` edited scenes, rendered together
+            (2 gives the paper's plain pairs).
+        cross: also ask for edit -> edit modification texts between consecutive edits (edit ``i`` -> ``i + 1``),
+            which give extra triplets inside the group.
+        llm: the chat model of the default backend (any transformers causal LM with a chat template).
+        backend: a registered ``ChatBackend`` instead of the default (``llm``), or null.
+        constrained: JSON-constrained decoding (default backend): the model only chooses the words inside the
+            strings, so every answer parses. Lengths and content are still validated.
         batch_size: prompts per ``generate`` call.
         max_new_tokens: token budget of one answer.
         temperature: sampling temperature.
@@ -128,13 +156,16 @@ class PromptsConfig:
         max_caption_words: longest accepted caption.
         min_text_words: shortest accepted modification text.
         max_text_words: longest accepted modification text.
-        dedup_threshold: Jaccard similarity of word bigrams (over both captions) above which a quadruple is a
-            near-duplicate of an earlier one and is dropped.
+        dedup_threshold: Jaccard similarity of word bigrams (over all captions of a group) above which a group
+            is a near-duplicate of an earlier one and is dropped.
         taxonomy: the domains and edit types sampled for diversity.
     """
 
-    num_quadruples: int = 1000
+    num_groups: int = 1000
+    group_size: int = 4
+    cross: bool = True
     llm: ModelSpec = field(default_factory=lambda: ModelSpec(name="Qwen/Qwen2.5-7B-Instruct"))
+    backend: dict[str, Any] | None = None
     constrained: bool = True
     batch_size: int = 32
     max_new_tokens: int = 256
@@ -148,25 +179,33 @@ class PromptsConfig:
     dedup_threshold: float = 0.8
     taxonomy: Taxonomy = field(default_factory=Taxonomy)
 
+    def __post_init__(self) -> None:
+        check_backend(self.backend, "prompts.backend")
+        if not 2 <= self.group_size <= 9:
+            raise ValueError(f"prompts.group_size is the panels per group, 2 to 9 (a 3x3 grid), got {self.group_size}")
 
-DIPTYCH_TEMPLATE = (
-    "A diptych: two side-by-side photographs of the same scene with the same subject identity, style, lighting "
-    "and camera. Left photograph: {reference_caption}. Right photograph: {target_caption}."
+
+GRID_TEMPLATE = (
+    "A grid of {n_panels} photographs ({layout}) of the same scene with the same subject identity, style, "
+    "lighting and camera, each showing a variation. {panels}"
 )
 
 
 @dataclass
 class RenderConfig:
-    """Stage 2: a diffusers text-to-image pipeline renders each quadruple as an image pair.
+    """Stage 2: a text-to-image model renders each group as one composite grid of panels, split into images.
 
     Args:
-        model: any ``DiffusionPipeline`` (a FLUX-class model renders the most consistent diptychs).
-        strategy: ``diptych`` renders one side-by-side composite and splits it; ``separate`` renders the two
-            captions as two images from one shared seed.
-        image_size: side of each (square) half in pixels; a diptych composite is ``2 * image_size`` wide.
-        border: fraction of ``image_size`` trimmed from every edge of each half, to drop the divider and frame
-            that diptych renders often draw.
-        prompt_template: diptych prompt, with ``{reference_caption}`` and ``{target_caption}``.
+        model: the default backend's ``DiffusionPipeline`` (a FLUX-class model renders the most consistent grids).
+        backend: a registered ``RenderBackend`` instead of the default (``model``), or null.
+        composite: render each group as ONE composite grid and split it (the paper's recipe); false renders every
+            panel as its own image with its own seed (the ablation).
+        image_size: side of each (square) panel in pixels; a composite is ``cols x rows`` panels
+            (``backends.grid_shape``).
+        border: fraction of a panel's side trimmed from every edge of each panel, to drop the dividers and frame
+            that composite renders often draw.
+        prompt_template: composite prompt (default backend), with ``{n_panels}``, ``{layout}`` (e.g. "2 rows of
+            2") and ``{panels}`` (each caption after its position, e.g. "Top left: ...").
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free (or FLUX distilled) guidance.
         batch_size: prompts per pipeline call.
@@ -176,10 +215,11 @@ class RenderConfig:
     """
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec(name="black-forest-labs/FLUX.1-dev"))
-    strategy: Literal["diptych", "separate"] = "diptych"
+    backend: dict[str, Any] | None = None
+    composite: bool = True
     image_size: int = 512
     border: float = 0.02
-    prompt_template: str = DIPTYCH_TEMPLATE
+    prompt_template: str = GRID_TEMPLATE
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
     batch_size: int = 4
@@ -188,16 +228,17 @@ class RenderConfig:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_backend(self.backend, "render.backend")
         if self.image_size % 16:
             raise ValueError(f"render.image_size must be a multiple of 16 (latent patching), got {self.image_size}")
         if not 0 <= self.border < 0.25:
-            raise ValueError(f"render.border is a fraction of a half's side in [0, 0.25), got {self.border}")
-        _check_template(self.prompt_template, {"reference_caption", "target_caption"}, "render.prompt_template")
+            raise ValueError(f"render.border is a fraction of a panel's side in [0, 0.25), got {self.border}")
+        _check_template(self.prompt_template, {"n_panels", "layout", "panels"}, "render.prompt_template")
 
 
 @dataclass
 class ImageCheckConfig:
-    """Always-on check that each rendered half is a readable, non-blank image.
+    """Always-on check that each rendered panel is a readable, non-blank image.
 
     Args:
         min_std: smallest accepted standard deviation of pixel values (0-255); flat renders fall below it.
@@ -208,19 +249,22 @@ class ImageCheckConfig:
 
 @dataclass
 class ClipFilterConfig:
-    """CLIP-score filter. All similarities are cosines of L2-normalised CLIP embeddings.
+    """CLIP-score filter of each (source, edit) pair. Similarities are cosines of L2-normalised CLIP embeddings.
 
     Args:
-        model: a transformers ``CLIPModel`` (with its processor).
-        batch_size: items per forward pass.
-        min_caption_score: each half against its own caption.
-        min_caption_margin: each half must match its own caption better than the other one by this much.
-        min_pair_similarity: the halves must share their elements (image-image similarity at least this).
+        model: the default backend's transformers ``CLIPModel`` (with its processor).
+        backend: a registered ``ScorerBackend`` instead of the default (``model``), or null. The image-image
+            and direction checks need a scorer that provides ``embeddings``; others skip them.
+        batch_size: pairs per scorer call.
+        min_caption_score: each image against its own caption.
+        min_caption_margin: each image must match its own caption better than the other one by this much.
+        min_pair_similarity: the images must share their elements (image-image similarity at least this).
         max_pair_similarity: ... but must not be near-duplicates (at most this).
         min_direction: cosine between the image change and the caption change (target minus reference).
     """
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec(name="openai/clip-vit-large-patch14"))
+    backend: dict[str, Any] | None = None
     batch_size: int = 64
     min_caption_score: float = 0.2
     min_caption_margin: float = 0.0
@@ -228,38 +272,37 @@ class ClipFilterConfig:
     max_pair_similarity: float = 0.97
     min_direction: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_backend(self.backend, "filter.clip.backend")
 
-def _default_questions() -> list[str]:
-    return [
-        "Does the left image show {reference_caption}?",
-        "Does the right image show {target_caption}?",
-        "Are the two images the same scene with only this change from left to right: {forward}?",
-    ]
+
+JUDGE_QUESTION = "Are the two images the same scene with only this change from left to right: {text}?"
 
 
 @dataclass
 class JudgeConfig:
-    """Multimodal-LLM judge: a rubric of yes/no questions about the pair, shown side by side.
+    """Judge of each (source, edit) pair: is the edit the source changed as the forward text says?
 
     Args:
-        model: a transformers image-text-to-text model (``AutoModelForImageTextToText``) with a chat template.
-        batch_size: questions per forward pass.
-        questions: the rubric; each may use ``{reference_caption}``, ``{target_caption}``, ``{forward}`` and
-            ``{backward}``. The score of a question is P(yes) / (P(yes) + P(no)) of the first answer token.
-        min_yes_probability: every question must score at least this.
+        model: the default backend's image-text-to-text model (``AutoModelForImageTextToText``, chat template).
+        backend: a registered ``JudgeBackend`` instead of the default (``model``), or null.
+        batch_size: pairs per judge call.
+        question: the default backend's yes/no question, with ``{text}``; the pair is shown side by side and the
+            score is P(yes) / (P(yes) + P(no)) of the first answer token.
+        both_directions: also judge the edit -> source change with the backward text (the score is the lower).
+        min_yes_probability: the score must be at least this.
     """
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec(name="Qwen/Qwen2.5-VL-7B-Instruct"))
+    backend: dict[str, Any] | None = None
     batch_size: int = 16
-    questions: list[str] = field(default_factory=_default_questions)
+    question: str = JUDGE_QUESTION
+    both_directions: bool = False
     min_yes_probability: float = 0.5
 
     def __post_init__(self) -> None:
-        if not self.questions:
-            raise ValueError("judge.questions is empty: give at least one rubric question or set judge: null")
-        allowed = {"reference_caption", "target_caption", "forward", "backward"}
-        for q in self.questions:
-            _check_template(q, allowed, "judge.questions")
+        check_backend(self.backend, "filter.judge.backend")
+        _check_template(self.question, {"text"}, "judge.question")
 
 
 @dataclass
@@ -282,17 +325,17 @@ class FilterConfig:
 
 @dataclass
 class AssembleConfig:
-    """Stage 4: triplets in both directions, groups, split, dataset card and preview.
+    """Stage 4: each group's triplets (source <-> edits, edit -> edit), the split, dataset card and preview.
 
     Args:
         val_fraction: fraction of groups (never split across train and val) in the validation split.
-        preview_triplets: triplets drawn in ``preview.png``.
+        preview_groups: groups drawn in ``preview.png`` (one row of panels each).
         pretty_name: dataset name in the card.
         link_images: hard-link the kept images into ``OUT/images`` (falls back to copying across file systems).
     """
 
     val_fraction: float = 0.01
-    preview_triplets: int = 12
+    preview_groups: int = 8
     pretty_name: str = "CIRHS-style synthetic CIR triplets"
     link_images: bool = True
 
@@ -325,7 +368,7 @@ def _check_template(template: str, allowed: set[str], where: str) -> None:
 
 
 # Fields that change how fast a stage runs but not what it writes; they may differ between a run and its resume.
-_VOLATILE = {"batch_size", "num_quadruples", "cpu_offload", "dtype", "dedup_threshold"}
+_VOLATILE = {"batch_size", "num_groups", "cpu_offload", "dtype", "dedup_threshold"}
 
 
 def fingerprint(section: Any, **extra: Any) -> dict[str, Any]:

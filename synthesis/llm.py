@@ -7,8 +7,8 @@ Two details make the prompts stage reproducible and robust:
   the top-p mass, on the model's device). A row's sample therefore depends on its item seed and its own logits,
   not on which other items share the batch (up to floating-point noise in batched matmuls, which the runner
   rules out on resume by keeping batches fixed).
-* **JSON-constrained decoding** (:class:`JsonConstraint`): the keys, quotes and braces are forced and the model
-  only chooses the tokens inside the four strings (never a quote, backslash or control character), closing a
+* **JSON-constrained decoding** (:class:`JsonConstraint`): the keys, quotes, brackets and braces are forced and
+  the model only chooses the tokens inside the strings (never a quote, backslash or control character), closing a
   string once it has ``min_words`` words, and at the latest at ``max_words``. Every answer then parses; its
   content is still validated. It also lets a tiny random LLM produce parseable answers in tests.
 """
@@ -21,32 +21,31 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-__all__ = ["ChatLLM", "SeededSampler", "JsonConstraint", "QUADRUPLE_KEYS", "json_pieces"]
-
-QUADRUPLE_KEYS = ("reference_caption", "target_caption", "forward", "backward")
-
-
-def json_pieces(keys: Sequence[str]) -> list[str]:
-    """The fixed text between the string values of a flat JSON object with ``keys``: len(keys) + 1 pieces."""
-    return [f'{{"{keys[0]}": "'] + [f'", "{k}": "' for k in keys[1:]] + ['"}']
+__all__ = ["ChatLLM", "SeededSampler", "JsonConstraint"]
 
 
 class JsonConstraint:
-    """A per-row state machine forcing ``{"k1": "...", "k2": "...", ...}`` followed by end-of-sequence.
+    """A per-row state machine forcing fixed text pieces around free string fields, then end-of-sequence.
 
     Args:
         tokenizer: the model's tokenizer.
-        keys: the string fields, in order.
-        word_limits: ``(min_words, max_words)`` per key.
-        eos_token_id: token forced after the closing brace.
+        texts: the fixed text before, between and after the string fields: ``len(word_limits) + 1`` pieces
+            (e.g. ``['{"a": "', '", "b": "', '"}']``); each field is closed by the first token of the next piece.
+        word_limits: ``(min_words, max_words)`` per field.
+        eos_token_id: token forced after the last piece.
     """
 
-    def __init__(self, tokenizer, keys: Sequence[str], word_limits: Sequence[tuple[int, int]], eos_token_id: int):
+    def __init__(
+        self, tokenizer, texts: Sequence[str], word_limits: Sequence[tuple[int, int]], eos_token_id: int
+    ) -> None:
+        if len(texts) != len(word_limits) + 1:
+            raise ValueError(
+                f"JsonConstraint needs one piece more than fields, got {len(texts)} and {len(word_limits)}"
+            )
         self.tokenizer = tokenizer
-        texts = json_pieces(keys)
         # forced pieces interleave with fields: piece 0, field 0, piece 1, field 1, ..., last piece, then EOS
         self.pieces = [
-            tokenizer.encode(t, add_special_tokens=False) + ([eos_token_id] if i == len(keys) else [])
+            tokenizer.encode(t, add_special_tokens=False) + ([eos_token_id] if i == len(word_limits) else [])
             for i, t in enumerate(texts)
         ]
         self.word_limits = list(word_limits)

@@ -1,7 +1,10 @@
-"""The filter contracts: a rendered pair as filters see it, the :class:`PairFilter` base class and the image check.
+"""The filter contracts: a member pair as filters see it, the :class:`PairFilter` base class and the image check.
 
-A new filter subclasses :class:`PairFilter` (``score`` a batch of pairs, decide with ``passes``) and is passed to
-``pipeline.run(..., filters=[...])``; :mod:`.filter` runs the cascade, :mod:`.clip_filter` and :mod:`.judge` are
+Filters judge each *member pair* of a group: its source panel (the reference) and one edit's panel (the
+target), with their captions and modification texts. A group whose source is unreadable or blank thus loses
+every member at the image check. A new filter subclasses :class:`PairFilter` (``score`` a batch of pairs, decide
+with ``passes``) and is passed to
+``pipeline.run(..., filters=[...])``; :mod:`.filter` runs the cascade, :mod:`.model_filters` holds
 the model-based filters.
 """
 
@@ -24,10 +27,19 @@ __all__ = ["PairInput", "PairFilter", "ImageCheck"]
 
 @dataclass
 class PairInput:
-    """One rendered pair as a filter sees it; its images are decoded once, on first use."""
+    """One member pair as a filter sees it; its images are decoded once, on first use.
+
+    Attributes:
+        index: the group index.
+        member: the edit's position in the group's ``edits`` (its panel is ``member + 1``).
+        pair: ``reference_caption`` (the source's), ``target_caption`` (the edit's), ``forward``, ``backward``.
+        reference: the source panel's image file.
+        target: the edit panel's image file.
+    """
 
     index: int
-    quad: dict[str, Any]
+    member: int
+    pair: dict[str, Any]
     reference: Path
     target: Path
     _images: tuple[Image.Image, Image.Image] | None = field(default=None, repr=False)
@@ -74,7 +86,7 @@ class PairFilter(ABC):
 
 
 class ImageCheck(PairFilter):
-    """Both halves must be readable images that are not blank (pixel standard deviation below ``min_std``).
+    """Both panels must be readable images that are not blank (pixel standard deviation below ``min_std``).
 
     Never raises on a bad file: an unreadable image is a score (``readable: false`` and the error), not a crash.
     """

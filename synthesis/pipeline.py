@@ -2,7 +2,7 @@
 
 ::
 
-    prompts  (all ranks: items)  -> barrier -> rank 0: merge + dedup -> quadruples.jsonl -> barrier
+    prompts  (all ranks: items)  -> barrier -> rank 0: merge + dedup -> groups.jsonl -> barrier
     render   (all ranks: items)  -> barrier
     filter   (all ranks: items, through the cascade of filters) -> barrier -> rank 0: report.json -> barrier
     assemble (rank 0)            -> barrier
@@ -75,20 +75,20 @@ def run(
     reports: dict[str, Any] = {}
 
     if "prompts" in stages:
-        check_settings(
-            out / "prompts" / "settings.json", fingerprint(config.prompts, seed=seed, shard_size=shards), "prompts"
-        )
-        _log(ctx, run_stage(PromptsStage(config, ctx)))
+        stage = PromptsStage(config, ctx)
+        settings = fingerprint(config.prompts, seed=seed, shard_size=shards, backend=stage.backend.settings())
+        check_settings(out / "prompts" / "settings.json", settings, "prompts")
+        _log(ctx, run_stage(stage))
         ctx.barrier("prompts")
         if ctx.is_main:
             reports["prompts"] = finalize_prompts(config, out)
         ctx.barrier("prompts-merged")
 
     if "render" in stages:
-        check_settings(
-            out / "render" / "settings.json", fingerprint(config.render, seed=seed, shard_size=shards), "render"
-        )
-        _log(ctx, run_stage(RenderStage(config, ctx)))
+        stage = RenderStage(config, ctx)
+        settings = fingerprint(config.render, seed=seed, shard_size=shards, backend=stage.backend.settings())
+        check_settings(out / "render" / "settings.json", settings, "render")
+        _log(ctx, run_stage(stage))
         ctx.barrier("render")
 
     if "filter" in stages or "assemble" in stages:

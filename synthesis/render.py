@@ -1,24 +1,21 @@
-"""Stage 2, render: a diffusers text-to-image pipeline turns each quadruple into a reference and a target image.
+"""Stage 2, render: a render backend draws each group as ONE composite grid of panels, split into its images.
 
-**Diptych (default).** One composite, ``2 * image_size`` wide and ``image_size`` high, is rendered from a prompt
-naming both captions (``render.prompt_template``; the default asks for "a diptych: two side-by-side photographs
-of the same scene with the same subject identity, style, lighting and camera", then "Left photograph: <reference
-caption>. Right photograph: <target caption>."). Both halves come out of one denoising run, so they share
-identity, style and lighting, which two separately seeded renders rarely do.
+**Composite (default, ``render.composite: true``).** The panels of a group (its source caption first, then each
+edit's) are rendered together as one image, a grid laid out by :func:`.backends.grid_shape` (1x2 for a pair,
+2x2 for 3-4 panels, 2x3 for 5-6), each cell ``image_size`` square. All panels come out of one denoising run, so
+they share identity, style and lighting, which separately seeded renders rarely do. :func:`.backends.split_grid`
+then cuts the composite into its panels, trimming ``border * image_size`` pixels from every edge of each (the
+dividers and frames such renders often draw). The default backend's prompt is :func:`.hf_backends.grid_prompt`.
 
-**Split geometry** (:func:`split_composite`): the left half is columns ``[0, W//2)`` and the right half columns
-``[W - W//2, W)`` (an odd middle column belongs to neither). From each half, ``border * W//2`` pixels are trimmed
-on all four sides, because diptych renders often draw a divider or a frame; with a ``W = 2H`` composite each half
-stays square.
+**Separately seeded renders (``composite: false``, the ablation).** Each panel is rendered alone from its own
+caption (a one-caption ``render`` call) with its own seed.
 
-**Separate.** The two captions are rendered as two ``image_size`` squares from the same seed (same initial noise).
+Seeds derive from the global seed and the item id (and the panel, for separate renders), with one CPU generator
+per image in the default backend, so an item's initial noise does not depend on its batch.
 
-Seeds derive from the global seed and the item id, with one CPU ``torch.Generator`` per prompt, so an item's
-initial noise does not depend on its batch (its pixels then differ across batch compositions by floating-point
-noise only, and not at all on a resumed run, see :mod:`.runner`).
-
-Artifacts under ``OUT/render/``: ``images/<shard>/<id>_ref.png`` and ``<id>_tgt.png`` (plus ``<id>_composite.png``
-with ``keep_composite``), then ``items/<shard>/<id>.json``, written last, which marks the item complete.
+Artifacts under ``OUT/render/``: ``images/<shard>/<id>_p<k>.png`` for panel ``k`` (0 = source, ``k`` = edit
+``k - 1``), plus ``<id>_composite.png`` with ``keep_composite``; then ``items/<shard>/<id>.json``, written last,
+which marks the item complete: ``{id, index, composite, seeds, panels: [paths], captions, composite_image}``.
 """
 
 from __future__ import annotations
@@ -27,64 +24,50 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from coalign.io import atomic_save_image, atomic_write_json, read_json
 
-from . import models
 from ._io import derive_seed, existing_items, item_id, item_path
+from .backends import RenderBackend, grid_shape, split_grid
 from .config import SynthesisConfig
-from .prompts import load_quadruples
+from .groups import group_captions
+from .hf_backends import render_backend
+from .prompts import load_groups
 from .runner import RunContext, Stage
 
-__all__ = ["RenderStage", "diptych_prompt", "split_composite", "load_renders"]
+__all__ = ["RenderStage", "load_renders", "panel_seeds"]
 
 
-def diptych_prompt(template: str, quad: dict[str, str]) -> str:
-    """Fill the diptych template; captions lose a trailing period since the template adds its own."""
-    return template.format(
-        reference_caption=quad["reference_caption"].rstrip(" ."),
-        target_caption=quad["target_caption"].rstrip(" ."),
-    )
-
-
-def split_composite(image: Image.Image, border: float = 0.0) -> tuple[Image.Image, Image.Image]:
-    """Cut a side-by-side composite into its left (reference) and right (target) halves.
-
-    Args:
-        image: the composite, ``W`` wide and ``H`` high.
-        border: fraction of the half width ``W // 2`` trimmed from every edge of each half.
-
-    Returns:
-        ``(left, right)``, each ``(W // 2 - 2b) x (H - 2b)`` with ``b = round(border * (W // 2))``.
-    """
-    width, height = image.size
-    half = width // 2
-    b = round(border * half)
-    if half - 2 * b <= 0 or height - 2 * b <= 0:
-        raise ValueError(f"border {border} leaves nothing of a {width}x{height} composite")
-    left = image.crop((b, b, half - b, height - b))
-    right = image.crop((width - half + b, b, width - b, height - b))
-    return left, right
+def panel_seeds(seed: int, index: int, n_panels: int, composite: bool) -> list[int]:
+    """The seed of a composite (one), or of each separately rendered panel (one per panel)."""
+    if composite:
+        return [derive_seed(seed, "render", index)]
+    return [derive_seed(seed, "render", index, panel) for panel in range(n_panels)]
 
 
 class RenderStage(Stage):
-    """Render each quadruple of ``prompts/quadruples.jsonl``; see the module docstring."""
+    """Render each group of ``prompts/groups.jsonl``; see the module docstring.
+
+    Args:
+        config: the synthesis config.
+        ctx: this rank's context.
+        backend: the render backend (default: built from ``config.render``).
+    """
 
     name = "render"
 
-    def __init__(self, config: SynthesisConfig, ctx: RunContext):
+    def __init__(self, config: SynthesisConfig, ctx: RunContext, backend: RenderBackend | None = None):
         super().__init__(ctx, config.shard_size)
         self.config = config.render
         self.seed = config.seed
         self.batch_size = self.config.batch_size
         self.root = ctx.out / "render"
-        self.quads = {q["index"]: q for q in load_quadruples(ctx.out)}
-        self.pipe = None
+        self.groups = {g["index"]: g for g in load_groups(ctx.out)}
+        self.backend = backend if backend is not None else render_backend(self.config)
 
     def items(self) -> list[int]:
-        return sorted(self.quads)
+        return sorted(self.groups)
 
     def is_done(self, index: int) -> bool:
         return item_path(self.root / "items", index, self.shard_size).is_file()
@@ -93,54 +76,40 @@ class RenderStage(Stage):
         return existing_items(self.root / "items", indices, self.shard_size)
 
     def setup(self) -> None:
-        self.pipe = models.load_diffusion_pipeline(self.config.model, self.ctx.device, self.config.cpu_offload)
+        self.backend.setup(self.ctx.device)
 
     def teardown(self) -> None:
-        self.pipe = None
-        models.free_memory()
+        self.backend.teardown()
 
-    def _render(self, prompts: list[str], seeds: list[int], width: int, height: int) -> list[Image.Image]:
-        cfg = self.config
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = self.pipe(
-            prompt=prompts,
-            height=height,
-            width=width,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=generators,
-            **cfg.call_kwargs,
-        ).images
-        if len(images) != len(prompts) or any(im.size != (width, height) for im in images):
-            got = sorted({im.size for im in images})
-            raise RuntimeError(f"the pipeline returned {len(images)} images of sizes {got}, expected {width}x{height}")
+    def _render(self, panels: list[list[str]], seeds: list[int]) -> list[Image.Image]:
+        size = self.config.image_size
+        images = self.backend.render(panels, seeds, size)
+        for captions, image in zip(panels, images, strict=True):
+            rows, cols = grid_shape(len(captions))
+            if image.size != (cols * size, rows * size):
+                raise RuntimeError(
+                    f"the render backend drew {image.size[0]}x{image.size[1]} for {len(captions)} panels; "
+                    f"expected {cols * size}x{rows * size} ({rows}x{cols} panels of {size})"
+                )
         return images
 
     def process(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         cfg = self.config
-        quads = [self.quads[i] for i in indices]
-        seeds = [derive_seed(self.seed, "render", i) for i in indices]
-        size = cfg.image_size
-        if cfg.strategy == "diptych":
-            prompts = [diptych_prompt(cfg.prompt_template, q) for q in quads]
-            composites = self._render(prompts, seeds, 2 * size, size)
-            halves = [split_composite(c, cfg.border) for c in composites]
+        captions = [group_captions(self.groups[i]) for i in indices]
+        seeds = [panel_seeds(self.seed, i, len(c), cfg.composite) for i, c in zip(indices, captions, strict=True)]
+        if cfg.composite:
+            composites = self._render(captions, [s[0] for s in seeds])
             return [
-                {"seed": s, "prompts": [p], "composite": c, "reference": h[0], "target": h[1]}
-                for s, p, c, h in zip(seeds, prompts, composites, halves, strict=True)
+                {"seeds": s, "captions": c, "composite": im, "panels": split_grid(im, len(c), cfg.border)}
+                for s, c, im in zip(seeds, captions, composites, strict=True)
             ]
-        prompts = [caption for q in quads for caption in (q["reference_caption"], q["target_caption"])]
-        images = self._render(prompts, [s for s in seeds for _ in range(2)], size, size)
-        return [
-            {
-                "seed": s,
-                "prompts": prompts[2 * k : 2 * k + 2],
-                "composite": None,
-                "reference": images[2 * k],
-                "target": images[2 * k + 1],
-            }
-            for k, s in enumerate(seeds)
-        ]
+        singles = self._render([[c] for cs in captions for c in cs], [s for ss in seeds for s in ss])
+        results, start = [], 0
+        for s, c in zip(seeds, captions, strict=True):
+            panels = [split_grid(im, 1, cfg.border)[0] for im in singles[start : start + len(c)]]
+            results.append({"seeds": s, "captions": c, "composite": None, "panels": panels})
+            start += len(c)
+        return results
 
     def write(self, index: int, result: dict[str, Any]) -> None:
         name = item_id(index)
@@ -149,16 +118,18 @@ class RenderStage(Stage):
         record = {
             "id": name,
             "index": index,
-            "strategy": self.config.strategy,
-            "seed": result["seed"],
-            "prompts": result["prompts"],
-            "model": self.config.model.describe(),
+            "composite": self.config.composite,
+            "seeds": result["seeds"],
+            "captions": result["captions"],
+            "panels": [],
+            "composite_image": None,
         }
-        for key, suffix in (("reference", "ref"), ("target", "tgt"), ("composite", "composite")):
-            if key == "composite" and (result[key] is None or not self.config.keep_composite):
-                continue
-            atomic_save_image(folder / f"{name}_{suffix}.png", result[key])
-            record[key] = str(rel / f"{name}_{suffix}.png")
+        for k, panel in enumerate(result["panels"]):
+            atomic_save_image(folder / f"{name}_p{k}.png", panel)
+            record["panels"].append(str(rel / f"{name}_p{k}.png"))
+        if result["composite"] is not None and self.config.keep_composite:
+            atomic_save_image(folder / f"{name}_composite.png", result["composite"])
+            record["composite_image"] = str(rel / f"{name}_composite.png")
         # the record goes last: its presence is what marks the images as complete
         atomic_write_json(item_path(self.root / "items", index, self.shard_size), record)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from coalign.datamodules import CIRHSDataModule
 from coalign.datamodules.base import EpochSequentialSampler, GroupedBatchSampler
+from coalign.datamodules.cirhs import read_triplets
 from coalign.io import read_jsonl
 
 
@@ -36,17 +38,39 @@ def test_reads_the_assembled_dataset_in_the_shared_batch_format():
     assert batch["reference"].shape == batch["target"].shape == (4, 3, 16, 16)
     assert batch["group"].dtype == torch.long and all(isinstance(t, str) for t in batch["text"])
     assert all(rid.startswith("images/") for rid in batch["reference_id"])  # relative gallery names
+    record = dm.records["train"][0]
+    assert record["reference_id"] == next(t for t in triplets if t["text"] == record["text"])["reference_id"]
+
+
+def test_reader_refuses_bad_groups_and_ids_naming_the_line(tmp_path):
+    good = {"reference": "a.png", "target": "b.png", "text": "t", "group": 3, "split": "train"}
+    for bad, reason in (({"group": "3"}, "groups are ints"), ({"reference_id": 7}, "not an image id")):
+        (tmp_path / "triplets.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        with pytest.raises(ValueError, match=f"triplets.jsonl:2 .*{reason}"):
+            read_triplets(tmp_path)
+    (tmp_path / "triplets.jsonl").write_text(json.dumps({**good, "reference_id": "x", "target_id": "y"}) + "\n")
+    [record] = read_triplets(tmp_path)
+    assert (record["reference_id"], record["target_id"], record["group"]) == ("x", "y", 3)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_batches_hold_whole_groups(split):
     dm = _datamodule(baseline_dataset())
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
-    seen = []
+    assert dm.group_size == 4  # the default: a chunk of up to 4 triplets of one group per batch of 4
+    records = dm.records[split]
+    sizes = Counter(r["group"] for r in records)
+    seen, together = [], set()
     for batch in loader:
         counts = Counter(batch["group"].tolist())
-        assert set(counts.values()) == {2}, counts  # both directions of a quadruple, side by side
+        assert len(batch["group"]) <= 4
+        # chunks are never split: a group's triplets fill its chunk before another group's chunk starts
+        assert all(n == min(4, sizes[g]) or n == sizes[g] % 4 for g, n in counts.items()), counts
+        together |= {g for g, n in counts.items() if n >= 2}
         seen += batch["index"].tolist()
+        ids = [r for r in zip(batch["reference_id"], batch["target_id"], strict=True)]
+        assert all(ref != tgt for ref, tgt in ids)
+    assert together == {g for g, n in sizes.items() if n >= 2}  # every group meets its soft positives
     assert len(seen) == len(set(seen))
     if split == "val":  # no drop_last in validation: every triplet once
         assert sorted(seen) == list(range(len(dm.records["val"])))
@@ -95,7 +119,7 @@ def test_coalign_tiny_fits_on_the_assembled_dataset():
     from coalign import create_model
 
     model = create_model("coalign_tiny")
-    dm = CIRHSDataModule(root=str(baseline_dataset()), batch_size=4, group_size=2)
+    dm = CIRHSDataModule(root=str(baseline_dataset()), batch_size=4)
     dm.connect(model.preprocess)  # what the coalign command line does
     trainer = L.Trainer(
         fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False

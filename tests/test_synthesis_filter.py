@@ -11,10 +11,11 @@ from PIL import Image
 from coalign.io import read_json, read_jsonl
 from coalign.synthesis import ImageCheck, ModelSpec, PairInput
 from coalign.synthesis._io import item_path
-from coalign.synthesis.clip_filter import CLIPScoreFilter, clip_scores
+from coalign.synthesis.backends import ScorerBackend
 from coalign.synthesis.config import ClipFilterConfig, ImageCheckConfig, JudgeConfig
 from coalign.synthesis.filter import load_scores
-from coalign.synthesis.judge import MLLMJudgeFilter
+from coalign.synthesis.hf_backends import CLIPScorerBackend, MLLMJudgeBackend
+from coalign.synthesis.model_filters import CLIPScoreFilter, JudgeFilter, clip_scores
 
 E = torch.eye(4)  # e0, e1: what the captions say; e2: an unrelated element; e3: what both halves share
 CLIP = CLIPScoreFilter(ClipFilterConfig(model=ModelSpec(tiny=True), min_pair_similarity=0.4))
@@ -63,57 +64,80 @@ def test_image_check_catches_blank_unreadable_and_missing_images(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     check = ImageCheck(ImageCheckConfig(min_std=4.0))
     names = ["noise", "blank", "truncated", "text", "missing"]
-    pairs = [PairInput(i, {}, tmp_path / "noise.png", tmp_path / f"{n}.png") for i, n in enumerate(names)]
+    pairs = [PairInput(i, 0, {}, tmp_path / "noise.png", tmp_path / f"{n}.png") for i, n in enumerate(names)]
     scores = check.score(pairs)
     assert [check.passes(s) for s in scores] == [True, False, False, False, False]
     assert scores[1]["readable"] and scores[1]["target_std"] == 0
     assert [s["readable"] for s in scores[2:]] == [False] * 3 and "No such file" in scores[4]["error"]
 
 
-def test_judge_scores_a_rubric_with_a_tiny_image_text_to_text_model(tmp_path):
-    judge = MLLMJudgeFilter(JudgeConfig(model=ModelSpec(tiny=True), batch_size=6, min_yes_probability=0.5))
-    judge.setup(torch.device("cpu"))
-    quad = {
-        "reference_caption": "a red car",
-        "target_caption": "a blue car",
-        "forward": "make it blue",
-        "backward": "make it red",
-    }
+def _noise_pairs(tmp_path, pair: dict, count: int = 2) -> list[PairInput]:
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)).save(tmp_path / f"{name}.png")
-    pairs = [PairInput(i, quad, tmp_path / "a.png", tmp_path / "b.png") for i in range(2)]
-    scores = judge.score(pairs)
-    assert len(scores[0]["yes"]) == 3 and all(0 < p < 1 for p in scores[0]["yes"])
+    return [PairInput(i, 0, pair, tmp_path / "a.png", tmp_path / "b.png") for i in range(count)]
+
+
+PAIR = {"reference_caption": "a red car", "target_caption": "a blue car", "forward": "make it blue", "backward": "red"}
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_judge_scores_pairs_with_a_tiny_image_text_to_text_model(tmp_path, both):
+    judge = JudgeFilter(JudgeConfig(model=ModelSpec(tiny=True), both_directions=both, min_yes_probability=0.5))
+    assert isinstance(judge.backend, MLLMJudgeBackend)
+    judge.setup(torch.device("cpu"))
+    scores = judge.score(_noise_pairs(tmp_path, PAIR))
+    assert set(scores[0]) == ({"forward", "backward", "min_yes"} if both else {"forward", "min_yes"})
+    assert all(0 < p < 1 for p in scores[0].values())
+    assert scores[0]["min_yes"] == min(v for k, v in scores[0].items() if k != "min_yes")
     assert scores[0] == scores[1]  # same pair, same answer, whatever its row in the batch
     assert judge.passes(scores[0]) == (scores[0]["min_yes"] >= 0.5)
-    assert "a blue car" in judge.prompts(quad)[1] and "Answer yes or no." in judge.prompts(quad)[0]
 
 
-def test_filter_stage_rejects_broken_renders_without_crashing(tmp_path):
+class _WordScorer(ScorerBackend):
+    """Scores without embeddings: 1 when the caption says "red" and the image is reddish, else 0."""
+
+    def score(self, images, captions):
+        return [float(("red" in c) == (np.asarray(im)[..., 0].mean() > 128)) for im, c in zip(images, captions)]
+
+
+def test_clip_filter_with_a_scorer_without_embeddings_checks_captions_and_margins_only(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    filt = CLIPScoreFilter(ClipFilterConfig(model=ModelSpec(tiny=True), min_caption_score=0.5), _WordScorer())
+    good = PairInput(0, 0, PAIR, tmp_path / "red.png", tmp_path / "blue.png")
+    swapped = PairInput(0, 1, PAIR, tmp_path / "blue.png", tmp_path / "red.png")
+    scores = filt.score([good, swapped])
+    assert scores[0] == {"reference_caption": 1.0, "target_caption": 1.0, "caption_margin": 1.0}
+    assert filt.passes(scores[0]) and not filt.passes(scores[1])
+    assert isinstance(CLIPScoreFilter(ClipFilterConfig(model=ModelSpec(tiny=True))).backend, CLIPScorerBackend)
+
+
+def test_filter_stage_rejects_broken_renders_and_a_broken_source_drops_its_group(tmp_path):
     out = copy_dataset(baseline_dataset(), tmp_path / "run")
     config = tiny_config()
-    broken = {}
-    for index, damage in ((1, "truncate"), (2, "blank")):
+    # group 1: one edit panel truncated (that member only); group 2: the source blank (every member)
+    for index, panel, damage in ((1, 2, "truncate"), (2, 0, "blank")):
         record = read_json(item_path(out / "render" / "items", index, config.shard_size))
-        path = out / record["target"]
+        path = out / record["panels"][panel]
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[:40])
         else:
             Image.new("RGB", Image.open(path).size, "black").save(path)
-        broken[record["id"]] = path
-    for item in broken:  # forget the scores of the damaged items
-        item_path(out / "filter" / "scores", int(item[1:]), config.shard_size).unlink()
+        item_path(out / "filter" / "scores", index, config.shard_size).unlink()  # forget its scores
     reports = run_tiny(out, config, stages=("filter", "assemble"))
     assert reports["failed"] == {}
-    for item in broken:
-        scores = load_scores(out, int(item[1:]), config.shard_size)
-        assert not ImageCheck(config.filter.image_check).passes(scores["image_check"])
-        assert "clip" not in scores and "judge" not in scores  # the cascade stopped at the image check
-    groups = {t["group"] for t in read_jsonl(out / "triplets.jsonl")}
-    assert not groups & {1, 2}
+    check = ImageCheck(config.filter.image_check)
+    members = load_scores(out, 1, config.shard_size)
+    assert [check.passes(m["image_check"]) for m in members] == [True, False, True]
+    assert "clip" not in members[1] and "judge" not in members[1]  # the cascade stopped at the image check
+    assert not any(check.passes(m["image_check"]) for m in load_scores(out, 2, config.shard_size))
+    triplets = read_jsonl(out / "triplets.jsonl")
+    assert not {t["group"] for t in triplets} & {2}
+    assert not [t for t in triplets if t["group"] == 1 and "_p2.png" in t["reference"] + t["target"]]
+    assert reports["filter"]["groups"]["dropped"] >= 1
     base = reports["filter"]["filters"]["image_check"]
-    assert base["evaluated"] - base["passed"] == 2
+    assert base["evaluated"] - base["passed"] == 1 + 3
 
 
 def test_new_thresholds_apply_without_rescoring(tmp_path, monkeypatch):
@@ -122,14 +146,16 @@ def test_new_thresholds_apply_without_rescoring(tmp_path, monkeypatch):
     def no_models(self, device):
         raise AssertionError("the filters must not be reloaded to apply a new threshold")
 
-    for cls in (CLIPScoreFilter, MLLMJudgeFilter):
+    for cls in (CLIPScorerBackend, MLLMJudgeBackend):
         monkeypatch.setattr(cls, "setup", no_models)
     config = tiny_config("--filter.clip.min_direction", "0.0")
     reports = run_tiny(out, config, stages=("filter", "assemble"))
     before = read_json(baseline_dataset() / "filter" / "report.json")
-    assert reports["filter"]["kept"] < before["kept"]  # stricter direction threshold
+    assert reports["filter"]["members"]["kept"] < before["members"]["kept"]  # stricter direction threshold
     assert reports["filter"]["filters"]["clip"]["pass_rate"] < before["filters"]["clip"]["pass_rate"]
-    kept_groups = {t["group"] for t in read_jsonl(out / "triplets.jsonl")}
-    assert len(kept_groups) == reports["filter"]["kept"]
-    # the images of pairs no longer kept leave the dataset folder
-    assert len(dataset_fingerprint(out)) - 1 == 2 * len(kept_groups)
+    triplets = read_jsonl(out / "triplets.jsonl")
+    assert len({t["group"] for t in triplets}) == reports["filter"]["groups"]["kept"]
+    # the images of members no longer kept leave the dataset folder: the kept edits and their groups' sources
+    kept_panels = {t[k] for t in triplets for k in ("reference", "target")}
+    assert len(dataset_fingerprint(out)) - 1 == len(kept_panels)
+    assert reports["filter"]["members"]["kept"] == len(kept_panels) - reports["filter"]["groups"]["kept"]

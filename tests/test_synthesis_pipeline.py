@@ -41,19 +41,26 @@ def test_baseline_dataset_folder_is_complete():
     out = baseline_dataset()
     triplets = read_jsonl(out / "triplets.jsonl")
     stats = read_json(out / "stats.json")
-    assert len(triplets) == 2 * stats["counts"]["quadruples_kept"] > 0
+    counts = stats["counts"]
+    assert counts["group_size"] == 4 and counts["groups_kept"] > 0 and len(triplets) == counts["triplets"]
+    assert counts["triplets_by_direction"]["forward"] == counts["triplets_by_direction"]["backward"]
+    assert counts["triplets_by_direction"]["forward"] == counts["members_kept"]
+    assert counts["triplets_by_direction"].get("cross", 0) > 0
     assert {t["split"] for t in triplets} == {"train", "val"}
     for t in triplets:
         assert (out / t["reference"]).is_file() and (out / t["target"]).is_file()
         assert not Path(t["reference"]).is_absolute()
+        assert (t["reference_id"], t["target_id"]) == (t["reference"], t["target"]) and isinstance(t["group"], int)
     by_group: dict[int, list] = {}
     for t in triplets:
         by_group.setdefault(t["group"], []).append(t)
-    for f, b in by_group.values():  # both directions, swapped images and texts, one split
-        assert (f["direction"], b["direction"]) == ("forward", "backward")
-        assert (f["reference"], f["target"]) == (b["target"], b["reference"]) and f["split"] == b["split"]
+    assert len(by_group) == counts["groups_kept"]
+    for members in by_group.values():  # one split per group, and several targets in every group
+        assert len({t["split"] for t in members}) == 1 and len({t["target"] for t in members}) >= 2
+    assert max(len(m) for m in by_group.values()) >= 6  # a 4-panel group: up to 3 forward, 3 backward, 2 cross
     card = (out / "README.md").read_text()
     assert "composed-image-retrieval" in card and "tiny random model (test)" in card and "| judge |" in card
+    assert "groups kept / dropped" in card and "group_size=4" in card
     assert stats["text_words"]["mean"] > 0 and set(stats["pass_rates"]) >= {"overall", "clip", "judge"}
     assert (out / "preview.png").stat().st_size > 0
 
@@ -148,12 +155,12 @@ def _run_two_ranks(out: Path, *args: str) -> dict[str, dict[int, int]]:
 
 def test_two_cpu_ranks_share_a_stage_without_overlap_or_loss(tmp_path):
     processed = _run_two_ranks(tmp_path, "--stage", "prompts")
-    assert processed == {"prompts": {0: 8, 1: 4}}  # shards of 4: rank 0 takes shards 0 and 2, rank 1 shard 1
+    assert processed == {"prompts": {0: 4, 1: 4}}  # shards of 4: rank 0 takes shard 0, rank 1 shard 1
     items = sorted(p.name for p in tmp_path.glob("prompts/items/*/*.json"))
-    assert items == [f"q{i:08d}.json" for i in range(12)]
+    assert items == [f"q{i:08d}.json" for i in range(8)]
     # batches never cross a shard, so two ranks write bitwise what one process wrote
-    merged = (tmp_path / "prompts" / "quadruples.jsonl").read_text()
-    assert merged == (baseline_dataset() / "prompts" / "quadruples.jsonl").read_text()
+    merged = (tmp_path / "prompts" / "groups.jsonl").read_text()
+    assert merged == (baseline_dataset() / "prompts" / "groups.jsonl").read_text()
 
 
 @pytest.mark.slow
@@ -202,7 +209,14 @@ def test_help_lists_stages_and_config_options(capsys):
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--stage", "--devices", "--prompts.num_quadruples", "--render.strategy", "--push_to_hub"):
+    for option in (
+        "--stage",
+        "--devices",
+        "--prompts.num_groups",
+        "--prompts.group_size",
+        "--render.composite",
+        "--push_to_hub",
+    ):
         assert option in text
 
 
@@ -223,11 +237,11 @@ def test_a_user_error_is_one_line_with_exit_code_2(tmp_path, capsys):
 
 
 def test_resuming_with_different_settings_is_refused(tmp_path):
-    run_tiny(tmp_path, tiny_config("--prompts.num_quadruples", "0"), stages=("prompts",))
+    run_tiny(tmp_path, tiny_config("--prompts.num_groups", "0"), stages=("prompts",))
     with pytest.raises(ValueError, match=r"prompts settings differ .*temperature"):
         run_tiny(tmp_path, tiny_config("--prompts.temperature", "0.5"), stages=("prompts",))
     # speed knobs and the dedup threshold may change between a run and its resume
-    run_tiny(tmp_path, tiny_config("--prompts.num_quadruples", "0", "--prompts.batch_size", "2"), stages=("prompts",))
+    run_tiny(tmp_path, tiny_config("--prompts.num_groups", "0", "--prompts.batch_size", "2"), stages=("prompts",))
 
 
 def test_a_later_stage_before_its_input_exists_says_what_to_run(tmp_path):
