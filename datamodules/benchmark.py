@@ -55,6 +55,19 @@ def _as_tuple(kind) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
+class _DuplicateKeys(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of ``json.loads`` that refuses an object naming one key twice."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise _DuplicateKeys(sorted({k for k in keys if keys.count(k) > 1})[:5])
+    return out
+
+
 @dataclass
 class SplitData:
     """A parsed split. ``queries[i]["index"] == i``; ``gallery`` lists ``(image_id, path)`` without duplicates."""
@@ -241,10 +254,16 @@ class BenchmarkDataModule(CIRDataModule):
             raise ValueError(f"no test server checks {self.benchmark} files; valid benchmarks: cirr, circo")
         data = self.split_data(self.test_split if split is None else split)
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"submission file not found: {path}")
         try:
-            obj = read_json(path, "submission file")
-        except ValueError as err:  # not JSON: a problem of the file, not an error of the check
-            return [str(err)]
+            obj = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # not JSON: a problem of the file, not of the check
+            return [f"{path} is not valid UTF-8 JSON: {err}"]
+        except _DuplicateKeys as err:  # the server's JSON parser would keep only one of them
+            return [f"{path}: the key(s) {err.args[0]} appear more than once in one object"]
+        except RecursionError:
+            return [f"{path} is nested too deeply to be an upload file (an object of lists is expected)"]
         return self._check_upload(obj, data, size=path.stat().st_size)
 
     def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:

@@ -45,23 +45,15 @@ def read_triplets_file(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"triplets file {path} not found")
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [(n, {k.strip(): v for k, v in r.items() if k is not None}) for n, r in enumerate(reader, 2)]
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
-        columns = sorted({k for _, r in rows for k in r})
-    else:
-        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file, got {suffix or 'no extension'}")
+    try:
+        if suffix in (".csv", ".tsv"):
+            rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        elif suffix in (".jsonl", ".ndjson"):
+            rows, columns = _read_jsonl(path)
+        else:
+            raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file, got {suffix or 'no extension'}")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ValueError(
@@ -76,6 +68,59 @@ def read_triplets_file(path: str | Path) -> list[dict[str, Any]]:
             f"{len(empty)} row(s) of {path} have an empty {'/'.join(REQUIRED)} value, at lines {empty[:5]}"
         )
     return [dict(r, line=n) for n, r in rows]
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
+        reader = csv.reader(f, delimiter=delimiter)
+        header = [c.strip() for c in next(reader, [])]
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{path}: the header names the column(s) {repeated} more than once; keep one of each")
+        rows = []
+        for n, values in enumerate(reader, 2):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) > len(header):
+                raise ValueError(f"{path}:{n} has {len(values)} fields but the header names {len(header)} columns")
+            rows.append((n, dict(zip(header, values))))
+    return rows, header
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}:{n} should be a JSON object with reference/text/target, got {line.strip()[:80]}"
+                )
+            rows.append((n, row))
+    return rows, sorted({k for _, r in rows for k in r})
+
+
+def resolve_image(name: str, image_root: Path, absolute_allowed: bool, where: str) -> Path:
+    """The image file a triplets row names, refusing paths that leave ``image_root``.
+
+    Relative paths must stay inside ``image_root`` (no ``..`` out of it); an absolute path is accepted only when
+    the file gave no ``image_root`` (``absolute_allowed``), so a shared file cannot read elsewhere on a disk.
+    """
+    path = Path(name)
+    if path.is_absolute():
+        if not absolute_allowed:
+            raise ValueError(f"{where}: {name!r} is an absolute path, but image_root is {image_root}; give paths "
+                             "relative to image_root, or leave image_root out to use absolute paths")  # fmt: skip
+        return path
+    resolved = (image_root / path).resolve()
+    if not resolved.is_relative_to(image_root.resolve()):
+        raise ValueError(f"{where}: {name!r} leaves the image folder {image_root}; paths must stay inside it")
+    return image_root / path
 
 
 class TripletsDataModule(CIRDataModule):
@@ -124,6 +169,7 @@ class TripletsDataModule(CIRDataModule):
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self._absolute_allowed = image_root is None
         self.val_fraction = val_fraction
         self.seed = seed
         self.group_size = group_size
@@ -144,8 +190,8 @@ class TripletsDataModule(CIRDataModule):
             key = str(r["group"]) if str(r.get("group", "")).strip() else f"line {r['line']}"
             records.append(
                 {
-                    "reference": str(self.image_root / r["reference"]),
-                    "target": str(self.image_root / r["target"]),
+                    "reference": str(self._image(r, "reference")),
+                    "target": str(self._image(r, "target")),
                     "reference_id": r["reference"],
                     "target_id": r["target"],
                     "text": str(r["text"]).strip(),
@@ -168,6 +214,10 @@ class TripletsDataModule(CIRDataModule):
             self.records[split] = [dict(r, index=i) for i, r in enumerate(chosen)]
         if not self.records["train"]:
             raise ValueError(f"{self.path} has no training triplets")
+
+    def _image(self, row: dict[str, Any], column: str) -> Path:
+        where = f"{self.path}:{row['line']} ({column})"
+        return resolve_image(str(row[column]), self.image_root, self._absolute_allowed, where)
 
     def _assign_splits(self, records: list[dict[str, Any]]) -> None:
         given = [r["split"] for r in records]

@@ -158,3 +158,46 @@ def test_fine_tuning_takes_the_architecture_of_its_source(saved, tmp_path, capsy
     assert _fit([*common, "--model.init_from", "coalign_tiny"]) == 2  # no published weights: one line, at once
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "coalign_tiny has no published weights" in err[0]
+
+
+def test_a_triplets_file_stays_inside_its_image_folder_and_names_its_bad_lines(tmp_path):
+    from coalign.datamodules import TripletsDataModule
+    from coalign.datamodules.triplets import read_triplets_file
+
+    (tmp_path / "imgs").mkdir()
+    cases = {
+        "outside.csv": ("reference,text,target\n../x.png,make it red,y.png\n", "leaves the image folder"),
+        "absolute.csv": ("reference,text,target\n/etc/passwd,make it red,y.png\n", "is an absolute path"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        data = TripletsDataModule(str(tmp_path / name), image_root=str(tmp_path / "imgs"))
+        with pytest.raises(ValueError, match=f"{name}:2 \\(reference\\).*{message}"):
+            data.setup("fit")
+    (tmp_path / "twice.csv").write_text("reference,text,target,text\na.png,red,b.png,blue\n")
+    with pytest.raises(ValueError, match=r"names the column\(s\) \['text'\] more than once"):
+        read_triplets_file(tmp_path / "twice.csv")
+    (tmp_path / "lines.jsonl").write_text('{"reference": "a.png", "text": "red", "target": "b.png"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"lines.jsonl:2 should be a JSON object"):
+        read_triplets_file(tmp_path / "lines.jsonl")
+    (tmp_path / "latin.csv").write_bytes("reference,text,target\na.png,caf\xe9 au lait,b.png\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text"):
+        read_triplets_file(tmp_path / "latin.csv")
+
+
+def test_check_submission_reports_duplicate_keys_and_deep_nesting(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from make_fake_benchmarks import make_circo
+
+    from coalign.datamodules import CIRCODataModule
+
+    data = CIRCODataModule(make_circo(tmp_path / "circo"))
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"0": [1], "0": [2]}')
+    assert any("appear more than once" in line for line in data.check_submission(twice, "test"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert any("nested too deeply" in line for line in data.check_submission(deep, "test"))
