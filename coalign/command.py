@@ -131,11 +131,11 @@ def run_command(
     argv = list(argv)
     debug = debug_requested(argv)
     parser = build_parser(fn, prog, description, epilog, positional)
-    try:
-        config = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, --print_config or a usage error jsonargparse already printed
-        return int(exit_.code or 0)
     with report_errors(prog, debug) as code:
+        try:
+            config = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help, --print_config or a usage error jsonargparse already printed
+            return int(exit_.code or 0)
         init = parser.instantiate_classes(config)
         kwargs = {name: init[name] for name in inspect.signature(fn).parameters if name in init}
         code[0] = int(fn(**kwargs) or 0)

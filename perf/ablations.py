@@ -64,8 +64,9 @@ SYNTHESIS_VARIANTS: dict[str, list[str]] = {
     "full": [],
     "separate": ["--render.composite", "false"],  # one seeded render per image, no shared composite
     "nofilter": ["--filter.clip", "null", "--filter.judge", "null"],  # the image check stays (always on)
-    # one source + one edit per group; twice the groups, so as many images are rendered as with groups of 4
-    "pairs": ["--prompts.group_size", "2", "--prompts.num_groups", "400"],
+    # one source + one edit per group; twice the groups of configs/synthesis/shapes.yaml (2,500 groups of 4
+    # panels), so as many images are rendered as with groups of 4
+    "pairs": ["--prompts.group_size", "2", "--prompts.num_groups", "5000"],
 }
 
 
