@@ -246,12 +246,12 @@ class Index:
         info = read_json(manifest, what="index.json")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a coalign index file")
-        _check_manifest(info, manifest)
         if not info.get("complete"):
             raise ValueError(
                 f"the index in {directory} is unfinished (its build was interrupted): run the same `coalign index` "
                 "command again to finish it"
             )
+        _check_manifest(info, manifest)
         paths = read_json(directory / "paths.json", what="the index's paths.json")
         parts = []
         for name in info["shards"]:

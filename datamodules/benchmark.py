@@ -259,7 +259,7 @@ class BenchmarkDataModule(CIRDataModule):
         try:
             obj = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:  # not JSON: a problem of the file, not of the check
-            return [f"{path} is not valid UTF-8 JSON: {err}"]
+            return [f"{path} is not valid JSON (UTF-8 expected): {err}"]
         except _DuplicateKeys as err:  # the server's JSON parser would keep only one of them
             return [f"{path}: the key(s) {err.args[0]} appear more than once in one object"]
         except RecursionError:

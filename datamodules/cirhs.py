@@ -12,6 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .base import (
@@ -63,6 +67,21 @@ def read_triplets(root: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+class StyleJitter:
+    """``transform(image)`` after a random per-channel colour offset of up to ``amount`` of the range."""
+
+    def __init__(self, transform: Transform, amount: float):
+        self.transform = transform
+        self.amount = amount
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        # torch's generator: the loader seeds it in every worker (numpy's would repeat across forked workers)
+        offset = (torch.rand(3) * 2 - 1) * self.amount * 255.0
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+        shifted = (pixels + offset).clamp(0, 255).to(torch.uint8).numpy()
+        return self.transform(Image.fromarray(shifted))
+
+
 class CIRHSDataModule(CIRDataModule):
     """Synthetic CIRHS triplets from a folder written by ``coalign synthesize``.
 
@@ -74,6 +93,11 @@ class CIRHSDataModule(CIRDataModule):
         group_size: triplets of one group put together in a batch (their targets are soft positives).
         val_split: the split of ``triplets.jsonl`` used for validation.
         seed: seed of the per-epoch batch shuffles.
+        style_jitter: shift each training image's colours by a random per-channel offset of up to this fraction
+            of the range (0 disables). The panels of one synthesized composite share their style (background
+            tint, lighting); a contrastive batch whose negatives come from other groups can then match a query
+            to its target by that shared style alone. Jittering every image on its own removes the cue.
+        skip_bad_images: drop (with a warning) the triplets whose images are missing or cannot be decoded.
     """
 
     def __init__(
@@ -85,8 +109,18 @@ class CIRHSDataModule(CIRDataModule):
         group_size: int = 4,
         val_split: str = "val",
         seed: int = 0,
+        style_jitter: float = 0.0,
+        skip_bad_images: bool = False,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_transform=image_transform)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_transform=image_transform,
+            skip_bad_images=skip_bad_images,
+        )
+        if not 0.0 <= style_jitter <= 1.0:
+            raise ValueError(f"style_jitter is a fraction of the colour range in [0, 1], got {style_jitter}")
+        self.style_jitter = style_jitter
         if batch_size % group_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of group_size ({group_size})")
         self.root = Path(root)
@@ -109,7 +143,8 @@ class CIRHSDataModule(CIRDataModule):
 
     def _grouped(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
         records = self.records[split]
-        dataset = TripletDataset(records, self.transform)
+        jitter = self.style_jitter if split == "train" else 0.0
+        dataset = TripletDataset(records, StyleJitter(self.transform, jitter) if jitter else self.transform)
         sampler = GroupedBatchSampler(
             EpochSequentialSampler(dataset),
             self.batch_size,

@@ -77,7 +77,9 @@ def find_bad_images(paths: Sequence[str | Path], progress: bool = True, workers:
         return bad
     with ThreadPoolExecutor(workers or min(16, 2 * (os.cpu_count() or 1))) as pool:
         results = pool.map(image_problem, todo)
-        for path, problem in zip(todo, tqdm(results, total=len(todo), desc="checking images", disable=not progress)):
+        # disable=None: tqdm shows no bar when stderr is no terminal (logs, tests)
+        bar = tqdm(results, total=len(todo), desc="checking images", disable=None if progress else True)
+        for path, problem in zip(todo, bar):
             if problem:
                 bad[path] = problem
             else:

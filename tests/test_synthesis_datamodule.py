@@ -131,3 +131,20 @@ def test_coalign_tiny_fits_on_the_assembled_dataset():
     finally:
         torch.set_num_threads(threads)
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_style_jitter_shifts_each_image_on_its_own_within_its_bound():
+    import numpy as np
+    from PIL import Image
+
+    from coalign.datamodules import CIRHSDataModule
+    from coalign.datamodules.cirhs import StyleJitter
+
+    jitter = StyleJitter(lambda im: np.asarray(im, dtype=np.int64), 0.1)
+    image = Image.new("RGB", (4, 4), (100, 150, 200))
+    outs = [jitter(image) for _ in range(20)]
+    shifts = np.stack([o[0, 0] - np.array([100, 150, 200]) for o in outs])
+    assert np.abs(shifts).max() <= 26 and len({tuple(s) for s in shifts}) > 15  # <= 0.1 * 255, and independent
+    assert all((o == o[0, 0]).all() for o in outs)  # one offset per channel for the whole image
+    with pytest.raises(ValueError, match="style_jitter"):
+        CIRHSDataModule("unused", style_jitter=1.5)
