@@ -63,6 +63,9 @@ SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 COUNT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 OPENINGS = ("", "a picture of ", "a grid with ", "on a pale background, ")
 
+# Each edit has its own sentence templates; some use the everyday verbs (add, put, remove, take away, make, change,
+# move) that any LLM writes too, in sentences of another structure than the benchmark's (a model trained from
+# scratch cannot guess a verb it never read), so no benchmark sentence or sentence structure ever appears.
 # an object that is already there; "{pos}" is only filled where the caller allows it
 REFERENCES = ("the {color} {shape}", "the {shape} that is {color}", "the {color} {shape} in the {pos}")
 # a new object (add)
@@ -75,23 +78,44 @@ TEXT_TEMPLATES: dict[str, tuple[str, ...]] = {
         "there is now also {new} in the {pos}",
         "place {new} at the {pos}",
         "{new} shows up in the {pos}",
+        "please add {new} in the {pos}",
+        "now put {new} into the {pos}",
     ),
-    "remove": ("{ref} goes away", "delete {ref}", "get rid of {ref}", "{ref} disappears", "erase {ref}"),
+    "remove": (
+        "{ref} goes away",
+        "delete {ref}",
+        "get rid of {ref}",
+        "{ref} disappears",
+        "erase {ref}",
+        "please remove {ref}",
+        "now take {ref} away",
+    ),
     "recolor": (
         "swap {sref}'s colour for {color}",
         "paint {ref} {color}",
         "{ref} turns {color}",
         "recolour {ref} to {color}",
         "{ref} becomes {color} instead",
+        "please make {ref} {color}",
+        "now change {ref} to {color}",
     ),
-    "grow": ("{ref} grows", "enlarge {ref}", "{ref} gets bigger", "scale up {ref}", "{ref} is now large"),
-    "shrink": ("{ref} shrinks", "{ref} gets smaller", "scale down {ref}", "{ref} is now small"),
+    "grow": (
+        "{ref} grows",
+        "enlarge {ref}",
+        "{ref} gets bigger",
+        "scale up {ref}",
+        "{ref} is now large",
+        "please make {ref} large",
+    ),
+    "shrink": ("{ref} shrinks", "{ref} gets smaller", "scale down {ref}", "{ref} is now small", "now make {ref} small"),
     "move": (
         "shift {ref} over to the {pos}",
         "{ref} now sits in the {pos}",
         "relocate {ref} to the {pos}",
         "drag {ref} into the {pos}",
         "{ref} slides to the {pos}",
+        "please move {ref} to the {pos}",
+        "now move {ref} into the {pos}",
     ),
 }
 
