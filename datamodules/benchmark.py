@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from coalign.evaluation.submission import MAX_BYTES, ProblemReport
 from coalign.io import read_json
 
 from .base import CIRDataModule, GalleryDataset, TripletDataset, load_image
@@ -264,8 +265,15 @@ class BenchmarkDataModule(CIRDataModule):
             return [f"{path}: the key(s) {err.args[0]} appear more than once in one object"]
         except RecursionError:
             return [f"{path} is nested too deeply to be an upload file (an object of lists is expected)"]
-        return self._check_upload(obj, data, size=path.stat().st_size)
+        report = ProblemReport()
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            report.add(f"file larger than {MAX_BYTES} bytes", str(size))
+        if not isinstance(obj, dict):
+            return [f"the file must hold one JSON object, got {type(obj).__name__}"]
+        self._check_upload(obj, data, report)
+        return report.lines()
 
-    def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:
-        """Problems of the parsed upload ``obj`` (of ``size`` bytes) for the split ``data``; empty = accepted."""
+    def _check_upload(self, obj: dict[str, Any], data: SplitData, report: ProblemReport) -> None:
+        """Add to ``report`` the problems of the parsed upload object ``obj`` for the split ``data``."""
         raise NotImplementedError(f"{type(self).__name__} does not check upload files")

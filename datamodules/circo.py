@@ -29,7 +29,7 @@ from torch import Tensor
 
 from coalign.evaluation.evaluator import RetrievalEvaluator
 from coalign.evaluation.ranks import head, lookup_positions
-from coalign.evaluation.submission import LIST_LENGTH, MAX_BYTES, ProblemReport, check_list, ranking_of
+from coalign.evaluation.submission import LIST_LENGTH, ProblemReport, check_list, ranking_of
 
 from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require
 
@@ -103,13 +103,9 @@ def circo_ranking_files(data: SplitData, rankings: dict[int, list[str]]) -> dict
     }
 
 
-def check_circo(obj: Any, data: SplitData, size: int = 0) -> list[str]:
-    """Problems of a CIRCO upload for the split ``data``; empty = accepted."""
-    report = ProblemReport()
-    if size > MAX_BYTES:
-        report.add(f"file larger than {MAX_BYTES} bytes", str(size))
-    if not isinstance(obj, dict):
-        return [f"the file must hold one JSON object, got {type(obj).__name__}"]
+def check_circo(obj: dict[str, Any], data: SplitData, report: ProblemReport) -> None:
+    """Add to ``report`` the problems of a CIRCO upload for the split ``data`` (a JSON object; the size and the
+    object itself are checked by ``BenchmarkDataModule.check_submission``)."""
     gallery = {int(i) for i in data.gallery_ids}
     queries = {str(q["query_id"]) for q in data.queries}
     for key in obj.keys() - queries:
@@ -119,7 +115,6 @@ def check_circo(obj: Any, data: SplitData, size: int = 0) -> list[str]:
             report.add("missing query ids", key)
         else:
             check_list(report, key, obj[key], min(LIST_LENGTH, len(gallery)), gallery, int)
-    return report.lines()
 
 
 # -- data module ----------------------------------------------------------------------------------------------
@@ -242,5 +237,5 @@ class CIRCODataModule(BenchmarkDataModule):
     def ranking_files(self, split: str, evaluator: CIRCOEvaluator) -> dict[str, dict]:
         return circo_ranking_files(self.split_data(split), evaluator.rankings())
 
-    def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:
-        return check_circo(obj, data, size)
+    def _check_upload(self, obj: dict[str, Any], data: SplitData, report: ProblemReport) -> None:
+        check_circo(obj, data, report)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from coalign.evaluation.evaluator import RetrievalEvaluator
 from coalign.evaluation.ranks import BIG, head, lookup_positions, rank_lookup
-from coalign.evaluation.submission import LIST_LENGTH, MAX_BYTES, ProblemReport, check_list, ranking_of
+from coalign.evaluation.submission import LIST_LENGTH, ProblemReport, check_list, ranking_of
 
 from .benchmark import BenchmarkDataModule, SplitData, read_annotation, require
 
@@ -114,13 +114,9 @@ def cirr_ranking_files(
     return {f"cirr_{data.split}_recall.json": recall, f"cirr_{data.split}_recall_subset.json": subset}
 
 
-def check_cirr(obj: Any, data: SplitData, size: int = 0) -> list[str]:
-    """Problems of a CIRR upload (``recall`` or ``recall_subset``) for the split ``data``; empty = accepted."""
-    report = ProblemReport()
-    if size > MAX_BYTES:
-        report.add(f"file larger than {MAX_BYTES} bytes", str(size))
-    if not isinstance(obj, dict):
-        return [f"the file must hold one JSON object, got {type(obj).__name__}"]
+def check_cirr(obj: dict[str, Any], data: SplitData, report: ProblemReport) -> None:
+    """Add to ``report`` the problems of a CIRR upload (``recall`` or ``recall_subset``) for the split ``data``
+    (a JSON object; its size and type are checked by ``BenchmarkDataModule.check_submission``)."""
     if obj.get("version") != "rc2":
         report.add('"version" is not "rc2"', repr(obj.get("version")))
     metric = obj.get("metric")
@@ -144,7 +140,6 @@ def check_cirr(obj: Any, data: SplitData, size: int = 0) -> list[str]:
             value = check_list(report, key, obj[key], min(LIST_LENGTH, len(gallery) - 1), gallery, str)
         if value is not None and ref in value:
             report.add("reference image not excluded", key)
-    return report.lines()
 
 
 # -- data module ----------------------------------------------------------------------------------------------
@@ -273,5 +268,5 @@ class CIRRDataModule(BenchmarkDataModule):
     def ranking_files(self, split: str, evaluator: CIRREvaluator) -> dict[str, dict]:
         return cirr_ranking_files(self.split_data(split), evaluator.rankings(), evaluator.subset_rankings())
 
-    def _check_upload(self, obj: Any, data: SplitData, size: int) -> list[str]:
-        return check_cirr(obj, data, size)
+    def _check_upload(self, obj: dict[str, Any], data: SplitData, report: ProblemReport) -> None:
+        check_cirr(obj, data, report)
