@@ -136,10 +136,12 @@ class EpochSequentialSampler(SequentialSampler):
 
 
 class GroupedBatchSampler(BatchSampler):
-    """Batches made of chunks of up to ``group_size`` same-group triplets.
+    """Batches made of whole groups, or of chunks of up to ``group_size`` same-group triplets.
 
-    Each epoch, every group's triplets are shuffled and cut into chunks of ``group_size``; the chunks are
-    shuffled and packed into batches without ever splitting one. Under DDP every rank draws the same batch list
+    Each epoch, every group's triplets are shuffled and cut into chunks of ``group_size`` (``group_size=0``: the
+    whole group is one chunk; a group larger than ``batch_size`` is cut into chunks of ``batch_size``); the chunks
+    are shuffled and packed into batches without ever splitting one, so a batch may hold fewer than
+    ``batch_size`` triplets when the next chunk does not fit. Under DDP every rank draws the same batch list
     and takes every ``num_replicas``-th batch, so groups stay whole on one rank. When Lightning replaces
     ``sampler`` with a ``DistributedSampler`` (its default under DDP), the rank and world size are read from it.
 
@@ -150,10 +152,10 @@ class GroupedBatchSampler(BatchSampler):
     Args:
         sampler: its indices are not used; it carries the epoch (``set_epoch``) and, when Lightning made it a
             ``DistributedSampler``, the rank.
-        batch_size: triplets per batch; a multiple of ``group_size``.
+        batch_size: triplets per batch; a multiple of ``group_size`` when that is not 0.
         drop_last: drop the last incomplete batch.
         groups: group id of each dataset index.
-        group_size: triplets of one group kept together (1 disables grouping).
+        group_size: triplets of one group kept together (1 disables grouping; 0 keeps every group whole).
         shuffle: reshuffle every epoch (False: a fixed order, for validation).
         seed: base seed of the shuffles.
     """
@@ -168,8 +170,11 @@ class GroupedBatchSampler(BatchSampler):
         shuffle: bool = True,
         seed: int = 0,
     ):
-        if group_size < 1 or batch_size % group_size:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of group_size ({group_size})")
+        if group_size < 0 or batch_size < 1 or (group_size and batch_size % group_size):
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a positive multiple of group_size ({group_size}); "
+                "group_size 0 keeps whole groups"
+            )
         super().__init__(sampler, batch_size, drop_last)
         self.groups = list(groups)
         self.group_size = group_size
@@ -218,7 +223,8 @@ class GroupedBatchSampler(BatchSampler):
             items = members[group]
             if self.shuffle:
                 rng.shuffle(items)
-            chunks += [items[i : i + self.group_size] for i in range(0, len(items), self.group_size)]
+            size = self.group_size or self.batch_size
+            chunks += [items[i : i + size] for i in range(0, len(items), size)]
         if self.shuffle:
             rng.shuffle(chunks)
         batches, current = [], []

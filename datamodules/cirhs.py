@@ -1,9 +1,9 @@
 """CIRHS-style synthetic triplets, as written by ``coalign synthesize`` (format: ``synthesis/README.md``).
 
-Each training batch holds whole chunks of ``group_size`` triplets of one group (the triplets reorganised from
-one rendered group: source <-> edits and edit -> edit), so the global contextual alignment loss finds
-same-group targets in the batch and can treat them as soft positives. Validation yields plain triplet batches,
-grouped the same way but in a fixed order, for the model's in-batch validation loss.
+Each training batch holds whole groups (or chunks of ``group_size`` triplets of one group): all the triplets
+reorganised from one rendered group (source <-> edits and edit -> edit) share a batch, so the global contextual
+alignment loss finds same-group targets in the batch and can treat them as soft positives. Validation yields
+plain triplet batches, grouped the same way but in a fixed order, for the model's in-batch validation loss.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ class CIRHSDataModule(CIRDataModule):
         batch_size: triplets per batch.
         num_workers: loader worker processes.
         image_transform: callable PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
-        group_size: triplets of one group put together in a batch (their targets are soft positives).
+        group_size: triplets of one group put together in a batch (their targets are soft positives); 0 (the
+            default) keeps every group whole: all the triplets reorganised from one source and its edits share a
+            batch, the broader context of global contextual alignment.
         val_split: the split of ``triplets.jsonl`` used for validation.
         seed: seed of the per-epoch batch shuffles.
         style_jitter: shift each training image's colours by a random per-channel offset of up to this fraction
@@ -106,7 +108,7 @@ class CIRHSDataModule(CIRDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform: Transform | None = None,
-        group_size: int = 4,
+        group_size: int = 0,
         val_split: str = "val",
         seed: int = 0,
         style_jitter: float = 0.0,
@@ -121,8 +123,10 @@ class CIRHSDataModule(CIRDataModule):
         if not 0.0 <= style_jitter <= 1.0:
             raise ValueError(f"style_jitter is a fraction of the colour range in [0, 1], got {style_jitter}")
         self.style_jitter = style_jitter
-        if batch_size % group_size:
-            raise ValueError(f"batch_size ({batch_size}) must be a multiple of group_size ({group_size})")
+        if group_size < 0 or (group_size and batch_size % group_size):
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a multiple of group_size ({group_size}); 0 keeps whole groups"
+            )
         self.root = Path(root)
         self.group_size = group_size
         self.val_split = val_split

@@ -54,10 +54,9 @@ def test_reader_refuses_bad_groups_and_ids_naming_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_batches_hold_whole_groups(split):
-    dm = _datamodule(baseline_dataset())
+def test_batches_hold_chunks_of_group_size(split):
+    dm = _datamodule(baseline_dataset(), group_size=4)
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
-    assert dm.group_size == 4  # the default: a chunk of up to 4 triplets of one group per batch of 4
     records = dm.records[split]
     sizes = Counter(r["group"] for r in records)
     seen, together = [], set()
@@ -74,6 +73,20 @@ def test_batches_hold_whole_groups(split):
     assert len(seen) == len(set(seen))
     if split == "val":  # no drop_last in validation: every triplet once
         assert sorted(seen) == list(range(len(dm.records["val"])))
+
+
+def test_group_size_0_keeps_every_group_whole_and_is_the_default():
+    assert CIRHSDataModule(root="x").group_size == 0
+    groups = [0] * 3 + [1] * 5 + [2] * 2 + [3] * 7 + [4] * 12  # group 4 is larger than a batch: cut at 8
+    sampler = GroupedBatchSampler(EpochSequentialSampler(range(len(groups))), 8, False, groups, group_size=0)
+    batches = list(sampler)
+    assert sorted(sum(batches, [])) == list(range(len(groups)))  # every triplet once
+    assert all(len(b) <= 8 for b in batches)
+    for g, size in Counter(groups).items():
+        holding = [b for b in batches if any(groups[i] == g for i in b)]
+        assert len(holding) == (1 if size <= 8 else 2), (g, holding)
+    with pytest.raises(ValueError, match="group_size 0 keeps whole groups"):
+        GroupedBatchSampler(EpochSequentialSampler(range(4)), 4, True, [0] * 4, group_size=-1)
 
 
 def test_epochs_reshuffle_and_batch_size_must_fit_groups():
