@@ -150,27 +150,56 @@ def assemble(config: SynthesisConfig, out: Path, filters: Sequence[PairFilter]) 
     return stats
 
 
-def _note(scores: dict[str, Any], decision: tuple[str, str | None]) -> str:
+def _panel(
+    path: str, caption: str, text: str | None, decision: tuple[str, str | None], scores: dict[str, Any]
+) -> dict[str, Any]:
     status, by = decision
-    parts = [status if by is None else f"{status} by {by}"]
-    if "clip" in scores:
-        parts.append(f"clip {scores['clip']['target_caption']:.2f}")
-    if "judge" in scores:
-        parts.append(f"judge {scores['judge']['min_yes']:.2f}")
-    return ", ".join(parts)
+    return {"path": path, "caption": caption, "text": text, "status": status, "by": by, "scores": scores}
 
 
 def _preview_rows(groups, renders, decisions, scores, count: int, seed: int) -> list[dict[str, Any]]:
-    """Up to ``count`` scored groups for ``preview.png``, seeded, one with a rejected member first if any."""
+    """The rows of ``preview.png`` (schema: :func:`.card.draw_preview`): up to ``count`` scored groups, seeded,
+    one with a rejected member first if any; then up to ``max(1, count // 2)`` (at most 4) rejected pairs of
+    other groups, taking the filters that rejected them in turn so that every reason shows."""
     scored = [g for g in groups if g["index"] in decisions and len(decisions[g["index"]]) == len(g["edits"])]
     order = sorted(scored, key=lambda g: derive_seed(seed, "preview", g["index"]))
     mixed = [g for g in order if {d for d, _ in decisions[g["index"]]} >= {"kept", "rejected"}]
     chosen = (mixed[:1] + [g for g in order if g not in mixed[:1]])[: max(count, 0)]
-    rows = []
-    for g in chosen:
-        i = g["index"]
-        notes = ["source"] + [_note(s, d) for s, d in zip(scores[i], decisions[i], strict=True)]
-        rows.append({"id": g["id"], "panels": renders[i]["panels"], "captions": group_captions(g), "notes": notes})
+
+    def panels(g: dict[str, Any], members: Sequence[int]) -> list[dict[str, Any]]:
+        i, captions = g["index"], group_captions(g)
+        record = renders[i]["panels"]
+        out = [_panel(record[0], captions[0], None, ("source", None), {})]
+        for k in members:
+            out.append(_panel(record[k + 1], captions[k + 1], g["edits"][k]["forward"], decisions[i][k], scores[i][k]))
+        return out
+
+    def row(kind: str, g: dict[str, Any], members: Sequence[int]) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "id": g["id"],
+            "domain": g["domain"],
+            "edit_type": g["edit_type"],
+            "panels": panels(g, members),
+        }
+
+    rows = [row("group", g, range(len(g["edits"]))) for g in chosen]
+    if count <= 0:
+        return rows
+    shown = {g["index"] for g in chosen}
+    by_filter: dict[str, list[tuple[int, int, dict[str, Any], int]]] = {}
+    for g in order:
+        for k, (status, by) in enumerate(decisions[g["index"]]):
+            if status == "rejected":
+                key = derive_seed(seed, "preview-rejected", g["index"], k)
+                by_filter.setdefault(str(by), []).append((int(g["index"] in shown), key, g, k))
+    for pairs in by_filter.values():  # pairs of groups not shown above first, then in seeded order
+        pairs.sort(key=lambda p: p[:2])
+    picked = []
+    for turn in range(max(len(p) for p in by_filter.values()) if by_filter else 0):
+        picked += [pairs[turn] for _, pairs in sorted(by_filter.items()) if turn < len(pairs)]
+    for _, _, g, k in picked[: min(4, max(1, count // 2))]:
+        rows.append(row("rejected", g, [k]))
     return rows
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from coalign import viz
 from coalign.io import atomic_save_image, atomic_write_json, atomic_write_text, read_json
 
 from ._io import list_failures
@@ -194,31 +194,148 @@ LLM (`{m["llm"]}`); check both before any use.
     atomic_write_text(out / "README.md", card)
 
 
-def draw_preview(out: Path, rows: Sequence[dict[str, Any]], thumb: int = 128) -> None:
-    """``preview.png``: one row per group: its panels, each with its caption and its filter decision and scores.
+#: Short names of the stored filter scores (``OUT/filter/scores``), in the order they are drawn.
+_SCORE_NAMES = {
+    "reference_caption": "ref",
+    "target_caption": "tgt",
+    "caption_margin": "margin",
+    "pair_similarity": "pair",
+    "direction": "dir",
+    "forward": "fwd",
+    "backward": "bwd",
+    "reference_std": "std ref",
+    "target_std": "std tgt",
+}
+_SKIPPED_SCORES = {"min_yes", "reference_size", "target_size", "readable", "error"}
+_STATUS_COLOUR = {"source": viz.INK, "kept": viz.HIT, "rejected": viz.MISS, "pending": viz.MUTED}
+
+
+def _score_lines(scores: dict[str, Any], by: str | None) -> list[tuple[str, tuple]]:
+    """One line per filter that scored the pair: ``clip: ref 1.00 tgt 0.33 margin 0.00``; the rejecting one red."""
+    lines = []
+    for name, values in scores.items():
+        if not isinstance(values, dict):
+            continue
+        if name == "image_check" and values.get("readable", True) and by != name:
+            continue  # a readable, non-blank pair: nothing to learn from its pixel statistics
+        if not values.get("readable", True):
+            parts = [f"unreadable ({values.get('error', 'no error recorded')})"]
+        else:
+            shown = [k for k in _SCORE_NAMES if k in values] + sorted(
+                k for k in values if k not in _SCORE_NAMES and k not in _SKIPPED_SCORES
+            )
+            parts = [
+                f"{_SCORE_NAMES.get(k, k)} {values[k]:.2f}"
+                for k in shown
+                if isinstance(values[k], (int, float)) and not isinstance(values[k], bool)
+            ]
+        lines.append(
+            (f"{'image' if name == 'image_check' else name}: {' '.join(parts)}", viz.MISS if by == name else viz.MUTED)
+        )
+    return lines
+
+
+def _panel_lines(panel: dict[str, Any], font, bold, width: int) -> list[tuple[str, tuple, Any]]:
+    """The text under one panel: decision, modification text, caption, filter scores (text, colour, font)."""
+    status, by = panel["status"], panel.get("by")
+    head = {"rejected": f"REJECTED by {by}", "pending": f"pending ({by})", "kept": "kept"}.get(status, status)
+    lines = [(head, _STATUS_COLOUR.get(status, viz.INK), bold)]
+    if panel.get("text"):
+        lines += [(t, viz.QUERY, font) for t in viz.wrap_text(f"text: {panel['text']}", font, width, 3)]
+    lines += [(t, viz.INK, font) for t in viz.wrap_text(f"caption: {panel['caption']}", font, width, 4)]
+    for text, colour in _score_lines(panel.get("scores") or {}, by):
+        lines += [(t, colour, font) for t in viz.wrap_text(text, font, width, 2)]
+    return lines
+
+
+def _open_panel(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError):  # a missing or broken render (what the image check rejects): drawn as a grey box
+        return None
+
+
+def draw_preview(out: Path, rows: Sequence[dict[str, Any]], thumb: int = 160) -> None:
+    """``preview.png``: sample groups (every panel with its decision, texts and filter scores), then rejected pairs.
 
     Args:
         out: the dataset folder (panel paths are relative to it).
-        rows: ``{"id", "panels": [paths], "captions": [...], "notes": [...]}`` per group.
-        thumb: side of a panel thumbnail.
+        rows: ``{"kind", "id", "domain", "edit_type", "panels"}`` per group (``kind="group"``: the source and
+            all its edits) or per rejected pair (``kind="rejected"``: the source and one rejected edit). A panel is
+            ``{"path", "caption", "text", "status", "by", "scores"}``: ``text`` the modification text from the
+            source (None for the source), ``status`` ``source``/``kept``/``rejected``/``pending``, ``by`` the
+            deciding filter, ``scores`` the pair's stored filter scores (``{filter: {name: value}}``).
+        thumb: the box each panel is fitted into (small renders are enlarged by a whole factor, NEAREST).
     """
     if not rows:
         (out / "preview.png").unlink(missing_ok=True)
         return
-    pad, text_h = 6, 84
-    cols = max(len(r["panels"]) for r in rows)
-    grid = Image.new("RGB", (cols * (thumb + pad) + pad, len(rows) * (thumb + text_h + pad) + pad), "white")
+    font, bold, heading = viz.load_font(13), viz.load_font(13, bold=True), viz.load_font(16, bold=True)
+    line_h, head_h = viz.line_height(font), viz.line_height(heading) + 8
+    pad, gap, block_gap, frame = 12, 12, 36, 4
+    colw = max(thumb, 200)
+    groups = [r for r in rows if r.get("kind", "group") == "group"]
+    rejected = [r for r in rows if r.get("kind") == "rejected"]
+    cols = max([len(r["panels"]) for r in groups] + [2])
+    per_line = max(1, cols // 2)  # rejected pairs side by side, as wide as a group
+    # a "line" of the picture: blocks side by side, each a title and its panels
+    lines = [[r] for r in groups] + [rejected[i : i + per_line] for i in range(0, len(rejected), per_line)]
+
+    def block_width(row: dict[str, Any]) -> int:
+        return len(row["panels"]) * colw + (len(row["panels"]) - 1) * gap
+
+    texts = {id(r): [_panel_lines(p, font, bold, colw) for p in r["panels"]] for r in rows}
+    heights = [
+        line_h + 6 + frame + thumb + frame + 6 + max(len(t) for r in line for t in texts[id(r)]) * line_h + 14
+        for line in lines
+    ]
+    width = pad * 2 + max(sum(block_width(r) for r in line) + block_gap * (len(line) - 1) for line in lines)
+    sections = [
+        (0, "Sample groups: the source, then its edits (green: kept, red: rejected by a filter)"),
+        (len(groups), "Rejected pairs (not in the dataset): the source, the rejected edit, and why"),
+    ]
+    sections = [(at, text) for at, text in sections if (groups if at == 0 else rejected)]
+    height = pad + sum(heights) + head_h * len(sections) + pad
+    grid = Image.new("RGB", (width, height), viz.CANVAS)
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=11)
-    for n, row in enumerate(rows):
-        y = pad + n * (thumb + text_h + pad)
-        for k, (path, caption, note) in enumerate(zip(row["panels"], row["captions"], row["notes"], strict=True)):
-            x = pad + k * (thumb + pad)
-            with Image.open(out / path) as im:
-                grid.paste(im.convert("RGB").resize((thumb, thumb)), (x, y))
-            if note.startswith("rejected"):
-                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), outline="red", width=3)
-            label = f"{row['id']} {note}" if k == 0 else note
-            lines = [label] + textwrap.wrap(caption, width=thumb // 6)
-            draw.multiline_text((x, y + thumb + 2), "\n".join(lines[:6]), fill="black", font=font)
+    y = pad
+    for n, (line, h) in enumerate(zip(lines, heights, strict=True)):
+        for at, text in sections:
+            if n == at:
+                draw.text((pad, y), text, fill=viz.INK, font=heading)
+                draw.line([pad, y + head_h - 4, width - pad, y + head_h - 4], fill=viz.BORDER, width=1)
+                y += head_h
+        x = pad
+        for row in line:
+            bw = block_width(row)
+            title = f"{row['id']} | edit type: {row['edit_type']} | {row['domain']}"
+            colour = viz.MISS if row.get("kind") == "rejected" else viz.INK
+            draw.text((x, y), viz.fit_line(title, bold, bw), fill=colour, font=bold)
+            top = y + line_h + 6 + frame
+            for k, (panel, panel_lines) in enumerate(zip(row["panels"], texts[id(row)], strict=True)):
+                px = x + k * (colw + gap)
+                cx = px + (colw - thumb) // 2
+                image = _open_panel(out / panel["path"])
+                if image is None:
+                    draw.rectangle([cx, top, cx + thumb - 1, top + thumb - 1], fill=(200, 200, 200))
+                    draw.text((cx + 6, top + 6), "unreadable", fill=viz.MISS, font=bold)
+                else:
+                    viz.paste_cell(grid, draw, image, cx, top, thumb)
+                status = panel["status"]
+                if status in ("kept", "rejected"):
+                    viz.draw_frame(draw, cx, top, thumb, _STATUS_COLOUR[status], frame - (status == "kept"))
+                for i, (text, fill, f) in enumerate(panel_lines):
+                    ty = top + thumb + frame + 6 + i * line_h
+                    if i == 0 and status == "rejected":  # a red banner under the image, never over it
+                        draw.rectangle([px, ty - 1, px + f.getlength(text) + 8, ty + line_h - 2], fill=viz.MISS)
+                        draw.text((px + 4, ty), text, fill=(255, 255, 255), font=f)
+                    else:
+                        draw.text((px, ty), text, fill=fill, font=f)
+            x += bw + block_gap
+            if row is not line[-1]:
+                sx = x - block_gap // 2
+                draw.line([sx, y, sx, y + h - 10], fill=(180, 180, 180), width=1)
+        y += h
+        draw.line([pad, y - 6, width - pad, y - 6], fill=(195, 195, 195), width=1)
     atomic_save_image(out / "preview.png", grid)
