@@ -1,7 +1,7 @@
 """CIRHS-style synthetic triplets, as written by ``coalign synthesize`` (format: ``synthesis/README.md``).
 
-Each training batch holds whole groups (or chunks of ``group_size`` triplets of one group): all the triplets
-reorganised from one rendered group (source <-> edits and edit -> edit) share a batch, so the global contextual
+Each training batch holds chunks of ``group_size`` triplets of one group (``group_size 0``: whole groups, all the
+triplets reorganised from one rendered group: source <-> edits and edit -> edit), so the global contextual
 alignment loss finds same-group targets in the batch and can treat them as soft positives. Validation yields
 plain triplet batches, grouped the same way but in a fixed order, for the model's in-batch validation loss.
 """
@@ -90,9 +90,9 @@ class CIRHSDataModule(CIRDataModule):
         batch_size: triplets per batch.
         num_workers: loader worker processes.
         image_transform: callable PIL -> tensor; None (the default) waits for ``connect(model.preprocess)``.
-        group_size: triplets of one group put together in a batch (their targets are soft positives); 0 (the
-            default) keeps every group whole: all the triplets reorganised from one source and its edits share a
-            batch, the broader context of global contextual alignment.
+        group_size: triplets of one group put together in a batch (their targets are soft positives); 0 keeps
+            every group whole: all the triplets reorganised from one source and its edits share a batch. Chunks of
+            4 (the default) measured better than whole groups on Shapes (PERFORMANCE.md, "Zero-shot").
         val_split: the split of ``triplets.jsonl`` used for validation.
         seed: seed of the per-epoch batch shuffles.
         style_jitter: shift each training image's colours by a random per-channel offset of up to this fraction
@@ -108,7 +108,7 @@ class CIRHSDataModule(CIRDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         image_transform: Transform | None = None,
-        group_size: int = 0,
+        group_size: int = 4,
         val_split: str = "val",
         seed: int = 0,
         style_jitter: float = 0.0,

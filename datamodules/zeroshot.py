@@ -9,7 +9,7 @@ whose training split it never sees. :class:`ZeroShotDataModule` joins the two ha
       init_args:
         train:
           class_path: coalign.datamodules.CIRHSDataModule
-          init_args: {root: data/shapes_cirhs, group_size: 0}
+          init_args: {root: data/shapes_cirhs, group_size: 4}
         test:
           class_path: coalign.datamodules.ShapesDataModule
 

@@ -13,6 +13,7 @@ nofilter    zero-shot, the synthesis keeps every rendered pair (CLIP filter and 
 pairs       zero-shot, groups of one source and one edit (the plain pairs the paper improves on)
 beta0       zero-shot with beta = 0: plain InfoNCE, no same-group soft positives
 nolocal     zero-shot without the local contextual reasoning head
+wholegroups zero-shot with every group whole in one batch (``group_size 0``) instead of chunks of 4 triplets
 imageonly   zero-shot baseline: the query ignores the text
 textonly    zero-shot baseline: the query ignores the reference image
 ==========  ==============================================================================================
@@ -96,6 +97,7 @@ ROWS: dict[str, Row] = {
         ["--model.global_head.init_args.beta", "0.0", "--model.local_head.init_args.beta", "0.0"],
     ),  # fmt: skip
     "nolocal": Row(ZEROSHOT_CONFIG, "full", ["--model.local_head", "null"]),
+    "wholegroups": Row(ZEROSHOT_CONFIG, "full", ["--data.train.init_args.group_size", "0"]),
     "imageonly": Row(ZEROSHOT_CONFIG, "full", _composer("ImageOnlyComposer")),
     "textonly": Row(ZEROSHOT_CONFIG, "full", _composer("TextOnlyComposer")),
 }
