@@ -1,17 +1,39 @@
-"""Lightning callbacks: the retrieval report (metrics table, ``metrics.json``, a picture of results)."""
+"""Lightning callbacks: the retrieval report (metrics table, ``metrics.json``, a picture of results), the export of
+a ``save_pretrained`` folder, the embedding writer of ``coalign predict`` and a clean progress bar.
+
+Status lines go through :mod:`logging` (logger ``coalign.callbacks``), from rank zero only.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from safetensors.torch import save_file
 
-from .evaluation.engine import EvaluationOutcome
+from .evaluation.engine import EvaluationOutcome, encode_gallery
+from .evaluation.pictures import draw_examples, picture_title
 from .io import atomic_write_json, format_table
-from .viz import denormalize, retrieval_grid
 
-__all__ = ["RetrievalReport", "ExportPretrained"]
+__all__ = ["RetrievalReport", "ExportPretrained", "EmbeddingWriter", "CleanProgressBar", "best_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint of the first ``ModelCheckpoint`` that monitors a metric and has saved one, else None."""
+    for callback in getattr(trainer, "checkpoint_callbacks", ()):
+        if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
+            if Path(callback.best_model_path).is_file():
+                return callback.best_model_path
+    return None
 
 
 class RetrievalReport(L.Callback):
@@ -49,34 +71,41 @@ class RetrievalReport(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         for name, payload in result.upload_files.items():  # benchmarks: rankings in the official upload formats
             atomic_write_json(out / name, payload, compact=True)
-            print(f"wrote {out / name}")
+            log.info(f"wrote {out / name}")
         metrics = {k: round(float(v), 4) for k, v in result.metrics.items()}
         if not metrics:  # a split without labels (CIRR test1, CIRCO test): upload files only
             return
-        print("\n" + format_table(metrics, f"{prefix} retrieval ({result.split} split), in %"))
+        log.info("\n" + format_table(metrics, f"{prefix} retrieval ({result.split} split), in %"))
         atomic_write_json(out / "metrics.json", {**metrics, "split": result.split, "stage": prefix}, indent=2)
         pl_module.card_info.setdefault("metrics", {}).update(metrics)
-        if result.examples and hasattr(result.gallery_images, "entries"):
-            self._picture(result, pl_module, out / "retrieval_examples.png")
+        if result.examples:
+            self._picture(result, pl_module, out / "retrieval_examples.png", trainer)
 
-    def _picture(self, result: EvaluationOutcome, pl_module, path: Path) -> None:
-        gallery = result.gallery_images  # a GalleryDataset: knows its ids without loading every image
-        position = {str(image_id): i for i, (image_id, _) in enumerate(gallery.entries)}
-        mean, std = pl_module.preprocess.mean, pl_module.preprocess.std
-        rows = []
-        for ex in result.examples[: self.num_examples]:
-            ids = ex["ranked_ids"][: self.top_k]
-            results = [denormalize(gallery[position[i]]["image"], mean, std) for i in ids if i in position]
-            rows.append(
-                {
-                    "reference": denormalize(ex["reference"], mean, std),
-                    "text": ex["text"],
-                    "results": results,
-                    "correct": ids.index(ex["target_id"]) if ex["target_id"] in ids else None,
-                }
-            )
-        retrieval_grid(rows, path)
-        print(f"wrote {path} (true targets framed in green)")
+    def _picture(self, result: EvaluationOutcome, pl_module, path: Path, trainer: L.Trainer | None = None) -> None:
+        title = picture_title(f"{result.stage} retrieval, {result.split} split", result.metrics)
+        preprocess = pl_module.preprocess
+        canvas = draw_examples(
+            result.examples, result.gallery_images, preprocess.mean, preprocess.std, path, title,
+            self.num_examples, self.top_k,
+        )  # fmt: skip
+        if canvas is not None:
+            log.info(f"wrote {path} (true targets framed in green; a missed one in the last column, in red)")
+            _log_image(trainer, f"{result.stage}/retrieval_examples", canvas)
+
+
+def _log_image(trainer: L.Trainer | None, key: str, image) -> None:
+    """Hand a PIL picture to the run's logger when it takes images (TensorBoard, W&B and the like)."""
+    logger = getattr(trainer, "logger", None)
+    if logger is None:
+        return
+    step = int(getattr(trainer, "global_step", 0))
+    if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
+        logger.log_image(key=key, images=[image], step=step)
+        return
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+        array = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # a writable copy
+        experiment.add_image(key, array, step)
 
 
 class ExportPretrained(L.Callback):
@@ -84,9 +113,10 @@ class ExportPretrained(L.Callback):
     with ``save_pretrained`` to ``dirpath`` (default ``<default_root_dir>/model``), ready for
     ``CoAlign.from_pretrained``, ``coalign evaluate --model`` and ``coalign index --model``.
 
-    Nothing is written when no training step ran (0 training batches, ``max_steps: 0``) and the model was not
-    loaded from a checkpoint: an untrained model must not pass for a trained one. Under ``fast_dev_run`` an
-    existing folder that this run did not write is kept (a smoke test never replaces a real export).
+    When a ``ModelCheckpoint`` monitors a metric, ``fit`` exports the weights of its best checkpoint, not the last
+    ones (the model itself keeps its last weights). Nothing is written under ``fast_dev_run`` (a smoke test never
+    replaces an export), nor when no training step ran (0 training batches, ``max_steps: 0``) and the model was not
+    loaded from a checkpoint: an untrained model must not pass for a trained one.
 
     Args:
         dirpath: output folder; None uses ``<trainer.default_root_dir>/model``.
@@ -96,25 +126,116 @@ class ExportPretrained(L.Callback):
     def __init__(self, dirpath: str | None = None, training_data: str | None = None):
         self.dirpath = dirpath
         self.training_data = training_data
-        self._written: set[Path] = set()
 
-    @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
+    def _skip(self, trainer: L.Trainer, path: Path) -> bool:
+        if trainer.fast_dev_run:
+            log.info(f"fast_dev_run: did not save the model to {path} (a smoke test does not replace an export)")
+            return True
         if trainer.global_step == 0 and not trainer.ckpt_path:
-            print(f"did not save the model to {path}: no training step ran (0 training batches or max_steps 0?)")
-            return
-        if trainer.fast_dev_run and path.exists() and path not in self._written:
-            print(f"fast_dev_run: kept the existing {path} (a smoke test does not replace an export)")
-            return
+            log.info(f"did not save the model to {path}: no training step ran (0 training batches or max_steps 0?)")
+            return True
+        return False
+
+    def _save(self, pl_module: L.LightningModule, path: Path, what: str = "") -> None:
         if self.training_data:
             pl_module.card_info["training_data"] = self.training_data
         pl_module.save_pretrained(path)
-        self._written.add(path)
-        print(f"saved the model to {path} (load it with CoAlign.from_pretrained({str(path)!r}))")
+        log.info(f"saved the model{what} to {path} (load it with CoAlign.from_pretrained({str(path)!r}))")
 
+    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._export(trainer, pl_module)
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
+        if self._skip(trainer, path):
+            return
+        best = best_checkpoint(trainer)
+        if best is None:
+            self._save(pl_module, path)
+            return
+        # the best weights, then the model's own last weights back (the fit's caller still holds the model)
+        last = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        try:
+            pl_module.load_state_dict(state)
+            self._save(pl_module, path, f" of the best checkpoint {Path(best).name}")
+        finally:
+            pl_module.load_state_dict(last)
 
+    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._export(trainer, pl_module)
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
+        if not self._skip(trainer, path):
+            self._save(pl_module, path, " (with its test metrics)")
+
+
+class EmbeddingWriter(BasePredictionWriter):
+    """Writes what ``coalign predict`` computes: the query embeddings (and target embeddings when the batches have
+    targets) with their ids, and the gallery's embeddings with its image ids.
+
+    Files in ``output_dir``: ``queries.safetensors`` (``query`` [N, D] and, when present, ``target`` [N, D]) with
+    ``queries.json`` (``reference_id``, ``target_id``, ``index``: one entry per row); ``gallery.safetensors``
+    (``embedding`` [M, D]) with ``gallery.json`` (``image_id``), when a gallery loader was handed over (the CLI
+    does so for a DataModule with a gallery). Under DDP each rank writes ``queries.rank<R>.*`` for its share.
+
+    Args:
+        output_dir: where to write; None uses ``<trainer.default_root_dir>/predictions``.
+        gallery: a loader of gallery batches (``{"image", "image_id"}``) to embed after the queries, or None.
+    """
+
+    _TENSORS = ("query", "target")
+    _IDS = ("reference_id", "target_id", "index")
+
+    def __init__(self, output_dir: str | None = None, gallery: Any = None):
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+        self.gallery = gallery
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        folder = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any] | None,
+    ) -> None:
+        batches = list(predictions[0]) if predictions and isinstance(predictions[0], list) else list(predictions)
+        if not batches:
+            raise ValueError("predict produced no batches: the loader is empty")
+        tensors = {k: torch.cat([b[k] for b in batches]).contiguous() for k in self._TENSORS if k in batches[0]}
+        ids = {k: [_plain(v) for b in batches for v in b[k]] for k in self._IDS if k in batches[0]}
+        folder = self._folder(trainer)
+        stem = "queries" if trainer.world_size == 1 else f"queries.rank{trainer.global_rank}"
+        save_file(tensors, str(folder / f"{stem}.safetensors"))
+        atomic_write_json(folder / f"{stem}.json", ids, indent=None)
+        log.info(f"wrote {folder / stem}.safetensors ({', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items())})")
+        if self.gallery is not None and trainer.is_global_zero:
+            self._write_gallery(trainer, pl_module, folder)
+
+    def _write_gallery(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        show = trainer.progress_bar_callback is not None
+        gallery = encode_gallery(pl_module, self.gallery, progress=show)
+        save_file({"embedding": gallery.features.embedding.contiguous()}, str(folder / "gallery.safetensors"))
+        atomic_write_json(folder / "gallery.json", {"image_id": gallery.ids}, indent=None)
+        log.info(f"wrote {folder / 'gallery.safetensors'} ({len(gallery)} images)")
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class CleanProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without the logger's version number (``v_num``), and counting steps against
+    ``max_steps`` when a run is bounded by steps rather than epochs (no "Epoch 0/-2")."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_epochs in (None, -1) and trainer.max_steps > 0:
+            self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch} (max_steps {trainer.max_steps})")

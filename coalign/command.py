@@ -29,16 +29,28 @@ import argparse
 import contextlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-__all__ = ["build_parser", "run_command", "report_errors", "debug_requested", "UserError"]
+__all__ = [
+    "build_parser",
+    "run_command",
+    "report_errors",
+    "debug_requested",
+    "UserError",
+    "HelpFormatter",
+    "shipped_configs",
+    "resolve_config",
+    "resolve_config_args",
+]
 
 
-class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's help, keeping the line breaks of the description and the examples in the epilog."""
 
 
@@ -56,6 +68,72 @@ def debug_requested(argv: list[str]) -> bool:
     while "--debug" in argv:
         argv.remove("--debug")
     return found or os.environ.get("COALIGN_DEBUG", "") not in ("", "0")
+
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*")
+
+
+def shipped_configs() -> Path | None:
+    """The folder of the configs shipped with coalign: ``coalign/configs`` in an installed wheel, the
+    repository's ``configs/`` in a source checkout (an editable install); None when neither exists."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if (folder / "quickstart.yaml").is_file():
+            return folder
+    return None
+
+
+def _config_names(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as a file: an existing path (or inline YAML) unchanged, else a shipped config by name.
+
+    ``quickstart``, ``trainer/cpu``, ``model/coalign_tiny`` or ``supervised_cirr`` (a unique file name in a
+    subfolder) name the YAML files shipped with coalign; ``configs/quickstart.yaml`` that does not exist in the
+    working directory (the README's commands, run from outside a clone) is looked up there too.
+
+    Raises:
+        UserError: a name (no suffix) that no shipped config has; the message lists them.
+    """
+    if not _NAME.fullmatch(value) or Path(value).exists():
+        return value  # inline YAML/JSON, or a file that exists
+    name = value.removeprefix("./").removeprefix("configs/")
+    suffix = Path(name).suffix
+    if suffix in _CONFIG_SUFFIXES:
+        name = name[: -len(suffix)]
+    elif suffix:
+        return value
+    root = shipped_configs()
+    if root is not None:
+        exact = root / f"{name}.yaml"
+        if exact.is_file():
+            return str(exact)
+        by_stem = list(root.rglob(f"{name}.yaml")) if "/" not in name else []
+        if len(by_stem) == 1:
+            return str(by_stem[0])
+    if suffix:
+        return value  # a file name the user meant: let the parser say it does not exist
+    names = ", ".join(_config_names(root)) if root is not None else "none (no configs folder is installed)"
+    raise UserError(f"--config {value}: no such file, nor a shipped config of that name; shipped configs: {names}")
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``--config VALUE`` / ``--config=VALUE`` / ``-c VALUE`` passed through
+    :func:`resolve_config`."""
+    out = list(argv)
+    i = 0
+    while i < len(out):
+        arg = out[i]
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+            i += 1
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+        i += 1
+    return out
 
 
 def _one_line(err: BaseException) -> str:
@@ -107,11 +185,15 @@ def build_parser(
         prog=prog,
         description=description or doc.split("\n\n")[0],
         epilog=epilog,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         exit_on_error=True,
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (CLI flags win)")
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="a YAML file of these options, or the name of a shipped one (CLI flags win)",
+    )
     for name in positional:
         param = inspect.signature(fn).parameters[name]
         parser.add_argument(name, type=param.annotation if not isinstance(param.annotation, str) else str)
@@ -133,7 +215,7 @@ def run_command(
     parser = build_parser(fn, prog, description, epilog, positional)
     with report_errors(prog, debug) as code:
         try:
-            config = parser.parse_args(argv)
+            config = parser.parse_args(resolve_config_args(argv))
         except SystemExit as exit_:  # --help, --print_config or a usage error jsonargparse already printed
             return int(exit_.code or 0)
         init = parser.instantiate_classes(config)

@@ -12,10 +12,20 @@ leaves only whole shards; running the same build again encodes just the images n
 added to the folder since). ``index.json`` is marked complete only at the end, and :meth:`Index.load` refuses an
 unfinished index. Images deleted from the folder stay in the index until it is rebuilt (``overwrite=True``).
 
-Search is exact. With FAISS installed (``pip install coalign[faiss]``) an ``IndexFlatIP`` over all K vectors of
-every image finds the candidates, which the model then re-scores; otherwise the chunked torch top-k shared with
-evaluation (:func:`coalign.evaluation.topk.chunked_topk`) over ``model.similarity`` does it. Both give the
-model's global scores (the local head's re-ranking needs local tokens, which an index does not store).
+Search is exact by default: :func:`coalign.evaluation.topk.chunked_topk`, the top-k shared with evaluation, runs
+``faiss.knn`` over the stored embeddings in place when FAISS is installed and images have one vector each (``pip
+install coalign[faiss]``; nothing to build or save: the embeddings are the index, so there is no FAISS file to
+keep in step), and its blocked torch GEMM otherwise (K > 1 vectors: the max over them is one pass, faster than
+FAISS's large-k search); both give the model's global scores in the same order (ties: the lower row first). A
+head that scores otherwise gets ``model.similarity`` block by block. The local head's re-ranking needs local
+tokens, which an index does not store.
+
+For collections beyond a few million vectors, ``Index.build(..., approximate="hnsw" | "ivfpq")`` (``coalign
+index --approximate``) also builds a FAISS HNSW or IVF-PQ index over all K vectors of every image and saves it as
+``faiss.index`` beside the shards (written atomically); ``index.json`` records its kind, parameters
+(:data:`coalign._search.APPROXIMATE`), vector count, width and a fingerprint of the embeddings. A search loads it
+with ``faiss.read_index`` and takes its candidates, which it re-scores exactly; a FAISS index that no longer
+matches the embeddings (or cannot be read) is rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -33,16 +43,30 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ._search import IMAGE_EXTENSIONS, ImageFiles, collate_images, draw_results, faiss_search, list_images, load_faiss
+from ._search import (
+    APPROXIMATE,
+    IMAGE_EXTENSIONS,
+    ImageFiles,
+    approximate_candidates,
+    approximate_parameters,
+    build_approximate,
+    collate_images,
+    draw_results,
+    embeddings_fingerprint,
+    list_images,
+    load_faiss,
+    read_faiss_index,
+    write_faiss_index,
+)
 from .evaluation.cache import model_fingerprint
-from .evaluation.topk import chunked_topk
-from .heads.base import GlobalHead
+from .evaluation.topk import candidate_topk, chunked_topk, scoring_function
 from .io import atomic_path, atomic_write_json, load_image, read_json
 
-__all__ = ["Index", "draw_results", "list_images", "model_identity", "IMAGE_EXTENSIONS"]
+__all__ = ["Index", "draw_results", "list_images", "model_identity", "IMAGE_EXTENSIONS", "APPROXIMATE"]
 
 FORMAT = "coalign-index"
 VERSION = 1
+FAISS_FILE = "faiss.index"
 
 
 def model_identity(model, name: str | None = None) -> dict[str, Any]:
@@ -76,7 +100,7 @@ class Index:
         if len(paths) != embeddings.shape[0]:
             raise ValueError(f"index has {len(paths)} paths but {embeddings.shape[0]} embedding rows")
         self.directory, self.root, self.paths, self.embeddings, self.info = directory, root, paths, embeddings, info
-        self._faiss_index = None
+        self._approximate_index = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -88,6 +112,11 @@ class Index:
     def model_name(self) -> str | None:
         """The name the index's model was given at build time (a registered name, folder or Hub id)."""
         return self.info["model"].get("name")
+
+    @property
+    def approximate(self) -> dict[str, Any] | None:
+        """The approximate FAISS index recorded in ``index.json`` (kind, parameters, counts, fingerprint), or None."""
+        return self.info.get("approximate")
 
     @property
     def skipped(self) -> list[dict[str, str]]:
@@ -110,6 +139,8 @@ class Index:
         dtype: torch.dtype = torch.float32,
         overwrite: bool = False,
         progress: bool = True,
+        approximate: str | None = None,
+        approximate_params: dict[str, Any] | None = None,
     ) -> Index:
         """Encode every image under ``folder`` with ``model.encode_targets`` into ``output_dir``.
 
@@ -128,7 +159,16 @@ class Index:
             dtype: storage dtype (``torch.float16`` halves the index).
             overwrite: discard an index already in ``output_dir`` (built by another model or folder).
             progress: show a progress bar.
+            approximate: also build an approximate FAISS index, ``"hnsw"`` or ``"ivfpq"`` (see
+                :meth:`build_approximate`); None: exact search only (an approximate index built before is removed).
+            approximate_params: its parameters, overriding :data:`coalign._search.APPROXIMATE`.
         """
+        if approximate is not None:
+            if scoring_function(model) is not None:
+                raise ValueError("an approximate index needs a global head that scores by inner product")
+            if load_faiss() is None:
+                raise ValueError("an approximate index needs faiss: pip install coalign[faiss]")
+            approximate_parameters(approximate, 1 << 62, 8, approximate_params)  # a bad name fails before encoding
         if batch_size < 1 or shard_size < 1:
             raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
         root, out = Path(folder).resolve(), Path(output_dir)
@@ -178,6 +218,10 @@ class Index:
         finally:
             model.train(was_training)
         index = cls._finish(out, info)
+        if approximate is not None:
+            index.build_approximate(approximate, approximate_params)
+        else:
+            (out / FAISS_FILE).unlink(missing_ok=True)  # an exact index: an approximate one built before is gone
         if index.skipped:
             first = "; ".join(f"{s['path']} ({s['error']})" for s in index.skipped[:3])
             warnings.warn(f"skipped {len(index.skipped)} unreadable image(s), e.g. {first}", stacklevel=2)
@@ -202,9 +246,11 @@ class Index:
                 for shard in (out / "shards").glob("*.safetensors"):
                     shard.unlink()
                 (out / "paths.json").unlink(missing_ok=True)
+            (out / FAISS_FILE).unlink(missing_ok=True)  # it described the old rows; a build makes a new one
         elif out.is_dir() and any(out.iterdir()):
             raise FileExistsError(f"{out} is not empty and holds no coalign index; choose a new or empty folder")
-        for stale in (out / "shards").glob(".*tmp*"):  # half-written shards of a killed run
+        # half-written shards or FAISS index of a killed run
+        for stale in [*(out / "shards").glob(".*tmp*"), *out.glob(f".tmp-{FAISS_FILE}.*")]:
             stale.unlink()
 
     @classmethod
@@ -331,18 +377,97 @@ class Index:
     def _top(self, model, query: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-        # FAISS finds candidates by inner product: valid when the head scores by the max inner product
-        max_dot = type(model.global_head).similarity is GlobalHead.similarity
-        faiss = load_faiss() if backend != "torch" else None
-        if backend == "faiss" and (faiss is None or not max_dot):
-            raise ValueError("backend 'faiss' needs faiss installed and a head scoring by inner product")
-        if faiss is None or not max_dot or (backend == "auto" and query.device.type != "cpu"):
-            return chunked_topk(query, self.embeddings, k, similarity=model.similarity)
-        if self._faiss_index is None:
-            n, vectors, dim = self.embeddings.shape
-            self._faiss_index = faiss.IndexFlatIP(dim)
-            self._faiss_index.add(self.embeddings.reshape(n * vectors, dim).float().contiguous().numpy())
-        return faiss_search(self._faiss_index, self.embeddings, query, k, model.similarity)
+        similarity = scoring_function(model)
+        if backend == "auto" and self.approximate is not None and similarity is None:
+            return self.search_approximate(query, k)
+        if backend == "faiss" and similarity is not None:
+            raise ValueError("backend 'faiss' needs a global head scoring by inner product")
+        if backend == "auto" and query.device.type != "cpu":
+            backend = "torch"  # the model runs on an accelerator: score there
+        return chunked_topk(query, self.embeddings, k, similarity=similarity, backend=backend)
+
+    # -- the approximate index ---------------------------------------------------------------------------------
+    def build_approximate(self, kind: str, params: dict[str, Any] | None = None) -> None:
+        """Build an approximate FAISS index over all K vectors of every image, save it and record it.
+
+        Args:
+            kind: ``"hnsw"`` or ``"ivfpq"``; :data:`coalign._search.APPROXIMATE` documents both and their
+                parameters.
+            params: overrides of the default parameters, e.g. ``{"M": 48}`` or ``{"nlist": 4096, "nprobe": 64}``.
+        """
+        faiss = load_faiss()
+        if faiss is None:
+            raise ValueError("an approximate index needs faiss: pip install coalign[faiss]")
+        n, vectors, dim = self.embeddings.shape
+        resolved = approximate_parameters(kind, n * vectors, dim, params)
+        built = build_approximate(faiss, self.embeddings.reshape(n * vectors, dim), kind, resolved)
+        write_faiss_index(faiss, built, self.directory / FAISS_FILE)
+        self.info["approximate"] = {
+            "kind": kind,
+            "params": resolved,
+            "file": FAISS_FILE,
+            "vectors": n * vectors,
+            "dim": dim,
+            "fingerprint": embeddings_fingerprint(self.embeddings, self.paths),
+            "faiss_version": faiss.__version__,
+        }
+        atomic_write_json(self.directory / "index.json", self.info)
+        self._approximate_index = built
+
+    def _load_approximate(self):
+        """The saved FAISS index, checked against the embeddings; rebuilt (with a warning) when it is stale."""
+        if self._approximate_index is not None:
+            return self._approximate_index
+        record, faiss = self.approximate, load_faiss()
+        if faiss is None:
+            raise ValueError(
+                f"the index in {self.directory} was built with --approximate {record['kind']}, which needs faiss: "
+                "pip install coalign[faiss] (or search with backend='torch' for an exact search)"
+            )
+        n, vectors, dim = self.embeddings.shape
+        problem = None
+        if record.get("vectors") != n * vectors or record.get("dim") != dim:
+            problem = f"it holds {record.get('vectors')} vectors of width {record.get('dim')}, not {n * vectors}x{dim}"
+        elif record.get("fingerprint") != embeddings_fingerprint(self.embeddings, self.paths):
+            problem = "the embeddings changed since it was built"
+        else:
+            try:
+                loaded = read_faiss_index(faiss, self.directory / record.get("file", FAISS_FILE))
+            except ValueError as err:
+                problem = str(err)
+            else:
+                if loaded.ntotal != n * vectors or loaded.d != dim:
+                    problem = f"the file holds {loaded.ntotal} vectors of width {loaded.d}, not {n * vectors}x{dim}"
+                else:
+                    self._approximate_index = loaded
+                    return loaded
+        warnings.warn(
+            f"the approximate FAISS index of {self.directory} is stale ({problem}): rebuilding it", stacklevel=3
+        )
+        self.build_approximate(record["kind"], record.get("params"))
+        return self._approximate_index
+
+    @torch.no_grad()
+    def search_approximate(self, queries: Tensor, k: int, candidates: int | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k images by the approximate index: its best vectors, grouped by image and re-scored exactly.
+
+        Args:
+            queries: ``[Q, E]`` query embeddings.
+            k: results per query.
+            candidates: images to re-score exactly per query (default ``max(rerank * k, k + 16)``, ``rerank``
+                from the index's parameters); more is slower and closer to exact.
+
+        Returns:
+            ``(scores [Q, k'], rows [Q, k'])`` like :func:`coalign.evaluation.topk.chunked_topk`.
+        """
+        index = self._load_approximate()
+        record, vectors = self.approximate, self.embeddings.shape[1]
+        wanted = candidates or max(int(record["params"].get("rerank", 4)) * k, k + 16)
+        faiss = load_faiss()
+        found = approximate_candidates(faiss, index, record["kind"], record["params"], queries, wanted * vectors)
+        rows = torch.where(found >= 0, found // vectors, found)
+        top = candidate_topk(queries.float(), self.embeddings, rows, k)
+        return top.values.to(queries.device), top.indices.to(queries.device)
 
 
 def _check_manifest(info: dict[str, Any], manifest: Path) -> None:

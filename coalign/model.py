@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,15 +15,20 @@ from torch import Tensor
 
 from ._features import QueryFeatures, TargetFeatures
 from ._hub import HubMixinOverrides
-from ._optim import build_optimizer_callable, optimizer_spec
+from ._optim import build_optimizer_callable, build_scheduler, optimizer_spec
 from .backbones.base import Backbone
 from .evaluation.engine import EvaluationOutcome, EvaluationTask, Gallery, encode_gallery, evaluation_step
+from .evaluation.pictures import collect_examples
+from .feature_cache import FeatureCache, weights_fingerprint
 from .heads.base import GlobalHead, LocalHead
 from .heads.global_alignment import ContextualAlignmentHead
 from .registry import build_component
 from .transforms import ImageTransform
 
 __all__ = ["CoAlign"]
+
+#: ``CoAlign(autocast=...)`` values and the dtype each runs the forward passes in
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, library_name="coalign", tags=["cir"]):
@@ -49,6 +55,18 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         lr_scheduler: optional scheduler factory, called with the optimizer; stepped every step.
         init_from: initialise the weights from a registered model name, a Hub id or a folder written by
             ``save_pretrained`` (fine-tuning); None keeps the backbone's own initialisation.
+        feature_cache: a folder where training stores the outputs of the backbone's frozen image encoder (its
+            image stem: the BLIP-2 ViT, a frozen CLIP vision tower), computed once per image and read back on
+            later epochs (:mod:`coalign.feature_cache`); None computes them every step. Needs a frozen image
+            encoder and a training transform without random augmentation. A property of the run, not of the
+            model: not saved with it.
+        autocast: ``"bf16"`` runs the forward passes (training and the encode methods) under
+            ``torch.autocast`` in bfloat16 on the model's device, as Lightning's ``precision="bf16-mixed"`` does,
+            for plain PyTorch loops too; the encode methods still return float32 features. None: no autocast.
+
+    Raises:
+        ValueError: ``rerank_top_k < 0``, an unknown ``autocast``, or ``feature_cache`` with a backbone whose image
+            encoder trains.
     """
 
     def __init__(
@@ -63,6 +81,8 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         init_from: str | None = None,
+        feature_cache: str | None = None,
+        autocast: str | None = None,
     ):
         super().__init__()
         self.backbone: Backbone = build_component(backbone, Backbone)
@@ -72,6 +92,17 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             self.local_head.bind(self.backbone.token_dim)
         if rerank_top_k < 0:
             raise ValueError(f"rerank_top_k must be >= 0, got {rerank_top_k}")
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast!r}")
+        if feature_cache is not None and not self.backbone.image_stem_frozen():
+            raise ValueError(
+                f"feature_cache={str(feature_cache)!r} needs a frozen image encoder, and {type(self.backbone).__name__}"
+                f"'s ({self.backbone.image_stem_modules() or 'none'}) trains or does not exist: freeze it "
+                "(freeze_image_encoder=True) or train without feature_cache"
+            )
+        self.autocast = autocast
+        self.feature_cache = None if feature_cache is None else str(feature_cache)
+        self._stem_cache: FeatureCache | None = None
         self.local_loss_weight = local_loss_weight
         self.rerank_top_k = rerank_top_k
         self.rerank_weight = rerank_weight
@@ -103,6 +134,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             "target_pad_ratio": self.target_pad_ratio,
             "optimizer": optimizer_spec(self.optimizer_factory),
             "lr_scheduler": optimizer_spec(self.lr_scheduler_factory),
+            "autocast": self.autocast,
         }
 
     @property
@@ -143,21 +175,35 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
                 a list of PIL images.
             texts: B modification texts.
         """
+        pixels = self._pixels(reference_images, "reference_images")
+        tokens = self._text_tokens(texts, pixels.shape[0])
+        with self._autocast():
+            query = self.backbone.encode_query(pixels, tokens["input_ids"], tokens["attention_mask"])
+        return query if self.autocast is None else query.to(dtype=torch.float32)
+
+    def _text_tokens(self, texts: Sequence[str], n: int) -> dict[str, Tensor]:
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
-        pixels = self._pixels(reference_images, "reference_images")
-        if len(texts) != pixels.shape[0]:
-            raise ValueError(f"got {pixels.shape[0]} reference images but {len(texts)} texts")
+        if len(texts) != n:
+            raise ValueError(f"got {n} reference images but {len(texts)} texts")
         empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
         if empty:
             raise ValueError(f"{len(empty)} modification texts are empty or not strings (positions {empty[:5]})")
-        tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        return self.backbone.encode_query(pixels, tokens["input_ids"], tokens["attention_mask"])
+        return {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
 
     def encode_targets(self, images: Tensor | Sequence[Image.Image]) -> TargetFeatures:
         """Encode gallery/target images (a transformed ``[B, 3, H, W]`` tensor or a list of PIL images)."""
-        return self.backbone.encode_target(self._pixels(images, "images"))
+        pixels = self._pixels(images, "images")
+        with self._autocast():
+            target = self.backbone.encode_target(pixels)
+        return target if self.autocast is None else target.to(dtype=torch.float32)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in the ``autocast`` dtype on the model's device (a no-op without one, or on meta)."""
+        if self.autocast is None or self.device.type == "meta":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
 
     def similarity(self, queries: QueryFeatures | Tensor, targets: TargetFeatures | Tensor) -> Tensor:
         """Global retrieval scores ``[Nq, Nt]`` (higher is better)."""
@@ -184,10 +230,24 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
 
     # -- training --------------------------------------------------------------------------------------------
     def _losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        with self._autocast():
+            return self._batch_losses(batch)
+
+    def _batch_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if "target" not in batch:
             raise ValueError("a training batch needs 'target' images (this split has no labels)")
-        query = self.encode_queries(batch["reference"], batch["text"])
-        target = self.encode_targets(batch["target"])
+        # a hard negative that is some query's own target image would contradict its positive: drop it
+        keep: list[int] = []
+        if "negative" in batch:
+            targets = set(batch.get("target_id", []))
+            negative_ids = batch.get("negative_id", [""] * len(batch["negative"]))
+            keep = [j for j, n in enumerate(negative_ids) if n not in targets]
+        if self.feature_cache is None:
+            query = self.encode_queries(batch["reference"], batch["text"])
+            target = self.encode_targets(batch["target"])
+            negatives = self.encode_targets(batch["negative"][keep]) if keep else None
+        else:
+            query, target, negatives = self._encode_from_cache(batch, keep)
         groups = batch.get("group")
         codes = reference_codes = None
         if "target_id" in batch:
@@ -199,15 +259,6 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
                 reference_codes = torch.tensor(
                     [lookup.get(r, -1) if r else -1 for r in batch["reference_id"]], device=self.device
                 )
-        negatives = None
-        if "negative" in batch:
-            # a hard negative that is some query's own target image would contradict its positive: drop it
-            targets = set(batch.get("target_id", []))
-            keep = [
-                j for j, n in enumerate(batch.get("negative_id", [""] * len(batch["negative"]))) if n not in targets
-            ]
-            if keep:
-                negatives = self.encode_targets(batch["negative"][keep])
         global_loss = self.global_head(query, target, groups, codes, negatives, reference_ids=reference_codes)
         losses = {"global_loss": global_loss}
         loss = global_loss
@@ -232,6 +283,73 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             self.log("train/temperature", self.global_head.temperature, batch_size=bs)
         return losses["loss"]
 
+    # -- the frozen-encoder feature cache -------------------------------------------------------------------
+    def stem_cache(self) -> FeatureCache:
+        """The :class:`FeatureCache` of ``feature_cache`` for the current frozen weights (opened on first use).
+
+        Its fingerprint covers the stem's weights, the backbone class, the image transform and ``autocast``, so
+        a cache folder used with other weights or preprocessing is never read.
+        """
+        if self.feature_cache is None:
+            raise ValueError("this model has no feature_cache")
+        if not self.backbone.image_stem_frozen():  # parameters unfrozen after construction
+            raise ValueError(
+                f"feature_cache: {type(self.backbone).__name__}'s image encoder is no longer frozen (some of its "
+                "parameters require gradients); its outputs change during training and cannot be cached"
+            )
+        if self._stem_cache is None:
+            names = self.backbone.image_stem_modules()
+            covers = {
+                "backbone": type(self.backbone).__name__,
+                "stem_modules": names,
+                "transform": self.preprocess.config(),
+                "autocast": self.autocast,
+            }
+            fingerprint = weights_fingerprint({n: self.backbone.get_submodule(n) for n in names}, covers)
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._stem_cache = FeatureCache(self.feature_cache, fingerprint, covers, rank=rank)
+        return self._stem_cache
+
+    def _encode_from_cache(self, batch: dict[str, Any], keep: list[int]):
+        """Query, target and negative features with the image stem read from (or added to) the feature cache."""
+        cache = self.stem_cache()
+        references = self._pixels(batch["reference"], "reference_images")
+        tokens = self._text_tokens(batch["text"], references.shape[0])
+        parts = [references, self._pixels(batch["target"], "images")]
+        ids = [batch.get("reference_id", [""] * len(parts[0])), batch.get("target_id", [""] * len(parts[1]))]
+        if keep:
+            parts.append(self._pixels(batch["negative"][keep], "negative images"))
+            negative_ids = batch.get("negative_id", [""] * len(batch["negative"]))
+            ids.append([negative_ids[j] for j in keep])
+        stems = cache.features(
+            torch.cat(parts),
+            self.backbone.encode_image_stem,
+            ids=[str(i) for part in ids for i in part],
+            dtype=references.dtype,
+        ).split([len(p) for p in parts])
+        query = self.backbone.encode_query_from_stem(stems[0], tokens["input_ids"], tokens["attention_mask"])
+        target = self.backbone.encode_target_from_stem(stems[1])
+        negatives = self.backbone.encode_target_from_stem(stems[2]) if keep else None
+        return query, target, negatives
+
+    def flush_feature_cache(self) -> None:
+        """Write the stem features waiting in memory to the cache folder (done at every epoch end and checkpoint)."""
+        if self._stem_cache is not None:
+            self._stem_cache.flush()
+
+    def on_train_epoch_start(self) -> None:
+        if self._stem_cache is not None:
+            self._stem_cache.new_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_feature_cache()
+
+    def on_fit_end(self) -> None:
+        self.flush_feature_cache()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.flush_feature_cache()
+
     # -- evaluation (validation and test share this code) ---------------------------------------------------
     def _eval_start(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -239,7 +357,9 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         self._task, self._examples = task, []
         if task is None:
             return
-        self._gallery = encode_gallery(self, task.gallery, progress=False)
+        self._gallery = encode_gallery(
+            self, task.gallery, progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        )
         task.evaluator.to(self.device)
         task.evaluator.check_gallery(self._gallery.ids)
 
@@ -248,17 +368,8 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             losses = self._losses(batch)
             self.log_dict({f"{prefix}/{k}": v for k, v in losses.items()}, batch_size=len(batch["text"]))
             return
-        index, _ = evaluation_step(self, batch, self._gallery, self._task.evaluator)
-        ranked_ids = [[self._gallery.ids[j] for j in row[:10]] for row in index.tolist()]
-        for i in range(min(len(ranked_ids), 8 - len(self._examples))):
-            self._examples.append(
-                {
-                    "reference": batch["reference"][i].cpu(),
-                    "text": batch["text"][i],
-                    "target_id": batch.get("target_id", [""] * len(ranked_ids))[i],
-                    "ranked_ids": ranked_ids[i],
-                }
-            )
+        index, scores = evaluation_step(self, batch, self._gallery, self._task.evaluator)
+        collect_examples(self._examples, batch, index, scores, self._gallery.ids)
 
     def _eval_end(self, prefix: str) -> None:
         task = self._task
@@ -312,5 +423,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        # a schedule's length left null (total_steps, T_max) is the run's: max_steps, or epochs x batches
+        steps = lambda: self.trainer.estimated_stepping_batches  # noqa: E731  read only when a length is null
+        scheduler = build_scheduler(self.lr_scheduler_factory, optimizer, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

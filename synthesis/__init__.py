@@ -7,37 +7,51 @@ Run it with ``coalign synthesize --config configs/synthesis/cirhs.yaml --output 
     run(config, launch("out/tiny"))
 
 The on-disk format and every design choice the paper leaves open are documented in ``synthesis/README.md``.
-Nothing here imports diffusers until the render stage loads a pipeline.
+Nothing here imports diffusers until the render stage loads a pipeline, and ``import coalign.synthesis`` itself
+imports nothing heavy: the names below load their module on first use (PEP 562), so ``coalign synthesize --help``
+needs only the config dataclasses.
 """
 
-from .assemble import DATASET_FILES, group_triplets, push_to_hub
-from .backends import (
-    ChatBackend,
-    JudgeBackend,
-    RenderBackend,
-    ScorerBackend,
-    grid_shape,
-    list_backends,
-    register_backend,
-    split_grid,
-)
-from .cli import load_config, synthesize_command
-from .config import (
-    AssembleConfig,
-    ClipFilterConfig,
-    FilterConfig,
-    ImageCheckConfig,
-    JudgeConfig,
-    ModelSpec,
-    PromptsConfig,
-    RenderConfig,
-    SynthesisConfig,
-    Taxonomy,
-)
-from .filter import ImageCheck, PairFilter, PairInput
-from .groups import GroupError, parse_group
-from .pipeline import STAGES, run
-from .runner import RunContext, launch
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module of this package that defines it
+_EXPORTS = {
+    "STAGES": "pipeline",
+    "DATASET_FILES": "assemble",
+    "AssembleConfig": "config",
+    "ChatBackend": "backends",
+    "GroupError": "groups",
+    "JudgeBackend": "backends",
+    "RenderBackend": "backends",
+    "ScorerBackend": "backends",
+    "ClipFilterConfig": "config",
+    "FilterConfig": "config",
+    "ImageCheck": "filter",
+    "ImageCheckConfig": "config",
+    "JudgeConfig": "config",
+    "ModelSpec": "config",
+    "PairFilter": "filter",
+    "PairInput": "filter",
+    "PromptsConfig": "config",
+    "RenderConfig": "config",
+    "RunContext": "runner",
+    "SynthesisConfig": "config",
+    "Taxonomy": "config",
+    "grid_shape": "backends",
+    "group_triplets": "assemble",
+    "launch": "runner",
+    "list_backends": "backends",
+    "load_config": "cli",
+    "parse_group": "groups",
+    "push_to_hub": "assemble",
+    "register_backend": "backends",
+    "run": "pipeline",
+    "split_grid": "backends",
+    "synthesize_command": "cli",
+}
 
 __all__ = [
     "STAGES",
@@ -73,3 +87,18 @@ __all__ = [
     "split_grid",
     "synthesize_command",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module == "backends":  # the registered backends are those the pipeline's modules define
+        importlib.import_module(f"{__name__}.pipeline")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

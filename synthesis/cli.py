@@ -17,13 +17,13 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
+# the package, whose names load on first use: parsing (and --help) needs only the config dataclasses, the
+# pipeline (torch, transformers) is imported when a run starts
+import coalign.synthesis as pipeline
 from coalign.command import build_parser as command_parser
 from coalign.command import run_command
 
-from .assemble import push_to_hub as upload_dataset
 from .config import AssembleConfig, FilterConfig, PromptsConfig, RenderConfig, SynthesisConfig
-from .pipeline import STAGES, run
-from .runner import launch
 
 __all__ = ["synthesize", "synthesize_command", "build_parser", "load_config"]
 
@@ -39,11 +39,14 @@ _EPILOG = """\
 The exit status is 1 when some items failed (see OUTPUT/failures/): rerun the same command to retry them.
 
 examples:
-  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny
-  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --devices 8
-  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage render --devices 8
-  coalign synthesize --config configs/synthesis/tiny.yaml --output /tmp/tiny --prompts.num_groups 4
-  coalign synthesize --config configs/synthesis/cirhs.yaml --output data/cirhs --stage assemble --push_to_hub me/cirhs
+  coalign synthesize --config synthesis/tiny --output /tmp/tiny
+  coalign synthesize --config synthesis/shapes --output data/shapes_cirhs         (procedural, no model download)
+  coalign synthesize --config synthesis/cirhs --output data/cirhs --devices 8
+  coalign synthesize --config synthesis/cirhs --output data/cirhs --stage render --devices 8
+  coalign synthesize --config synthesis/tiny --output /tmp/tiny --prompts.num_groups 4
+  coalign synthesize --config synthesis/cirhs --output data/cirhs --stage assemble --push_to_hub me/cirhs
+
+--config takes a YAML file or the name of a shipped one (synthesis/tiny, synthesis/shapes, synthesis/cirhs).
 """
 
 _DEFAULTS = SynthesisConfig()
@@ -90,8 +93,8 @@ def synthesize(
         seed=seed, shard_size=shard_size, prompts=prompts, render=render, filter=filter, assemble=assemble
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx = launch(Path(output), accelerator, devices, num_nodes, progress=progress)
-    reports = run(config, ctx, STAGES if stage is None else (stage,))
+    ctx = pipeline.launch(Path(output), accelerator, devices, num_nodes, progress=progress)
+    reports = pipeline.run(config, ctx, pipeline.STAGES if stage is None else (stage,))
     if not ctx.is_main:
         return 0
     for name, report in reports.items():
@@ -103,7 +106,7 @@ def synthesize(
         print(f"items failed: {reports['failed']}; see {output}/failures/ and rerun the same command to retry them")
         return 1
     if push_to_hub:
-        print(f"pushed: {upload_dataset(output, push_to_hub, private=private)}")
+        print(f"pushed: {pipeline.push_to_hub(output, push_to_hub, private=private)}")
     return 0
 
 

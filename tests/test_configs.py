@@ -26,7 +26,9 @@ TINY_MODEL = [
     "--model.backbone.init_args.text_layers", "1",
     "--model.init_from", "null",
 ]  # fmt: skip
-CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.fast_dev_run", "true",
+CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "1",
+               "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+               "--trainer.num_sanity_val_steps", "0", "--trainer.max_time", "null",
                "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
 
@@ -81,8 +83,13 @@ def test_model_configs_mirror_the_registered_models(path):
     spec.pop("optimizer", None)
     with torch.device("meta"):  # configs only: no memory for BLIP-2's weights
         from_yaml, registered = CoAlign(**spec).config(), create_model(name).config()
-    for key in ("backbone", "global_head", "local_head", "local_loss_weight", "rerank_top_k", "target_pad_ratio"):
+    keys = ("backbone", "global_head", "local_head", "local_loss_weight", "rerank_top_k", "target_pad_ratio")
+    for key in (*keys, "autocast"):
         assert from_yaml[key] == registered[key], key
+    # the memory switches are spelled out in every model YAML (the backbone's where it has one)
+    assert "autocast" in yaml.safe_load(path.read_text())["model"]
+    if spec["backbone"]["class_path"] != "coalign.backbones.TinyBackbone":
+        assert "gradient_checkpointing" in spec["backbone"]["init_args"]
 
 
 def _tiny_cirhs(root: Path) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from _eval_fakes import FakeCIRModel
+from PIL import Image
 
 from coalign.commands import evaluate as commands
 from coalign.commands.evaluate import check_submission_command, evaluate_command
@@ -72,6 +73,8 @@ def test_cirr_metrics_match_the_ranking_files(roots, tmp_path, capsys):
         assert q["reference"] not in recall[str(q["pairid"])] and len(recall[str(q["pairid"])]) == 50
     for name in ("cirr_val_recall.json", "cirr_val_recall_subset.json"):
         assert _check(tmp_path / name, "cirr", roots["cirr"], "--split", "val") == 0
+    picture = Image.open(tmp_path / "retrieval_examples.png")  # `coalign evaluate` draws a few queries too
+    assert picture.width > 5 * 96 and picture.height > 96
 
 
 def test_fashioniq_metrics_match_the_ranking_files(roots, tmp_path):

@@ -132,3 +132,16 @@ def test_coalign_test_writes_the_upload_files(cirr_root, tmp_path):
     for name in ("cirr_test1_recall.json", "cirr_test1_recall_subset.json"):
         argv = [str(tmp_path / name), "--data", "CIRRDataModule", "--data.root", str(cirr_root), "--split", "test1"]
         assert check_submission_command(argv) == 0
+
+
+def test_validate_shows_a_progress_bar_for_gallery_encoding(cirr_root, capfd):
+    model = coalign.create_model("coalign_tiny")
+    data = CIRRDataModule(cirr_root, batch_size=4)
+    data.connect(model.preprocess)
+    _trainer().validate(model, datamodule=data, verbose=False)  # the progress bar is off: so is the gallery's
+    assert "encoding gallery" not in capfd.readouterr().err
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, enable_progress_bar=True)
+    trainer.validate(model, datamodule=data, verbose=False)
+    err = capfd.readouterr().err
+    gallery = len(data.prepare_split("val").gallery)
+    assert "encoding gallery" in err and f"0/{gallery} [" in err and "img/s" in err  # counted in images

@@ -147,7 +147,8 @@ def test_fine_tuning_takes_the_architecture_of_its_source(saved, tmp_path, capsy
     (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
     common = ["fit", "--config", "configs/experiments/finetune_custom.yaml", "--data.path", str(tmp_path / "my.csv"),
               "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_fraction", "0.25",
-              "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
               "--trainer.default_root_dir", str(tmp_path / "run"),
               "--trainer.enable_progress_bar", "false"]  # fmt: skip
     # the YAML names a BLIP-2 backbone; a tiny save_pretrained folder wins, with no model YAML stacked

@@ -255,3 +255,53 @@ def test_load_model_accepts_names_folders_and_checkpoints(tmp_path):
         assert isinstance(load_model("coalign_tiny", random_init=None), CoAlign)
     with pytest.raises(ValueError, match="not a folder"):
         load_model(str(tmp_path / "missing" / "deep" / "path"))
+
+
+@pytest.mark.parametrize("name", ["CLIPBackbone", "Blip2Backbone"])
+def test_gradient_checkpointing_keeps_loss_and_gradients(tmp_path, name):
+    build = tiny_clip_backbone if name == "CLIPBackbone" else tiny_blip2_backbone
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone = build(tmp_path, gradient_checkpointing=checkpointing)
+        model = CoAlign(backbone, ContextualAlignmentHead(beta=0.2), TokenReasoningHead(backbone.token_dim)).train()
+        images, texts = _inputs(model)
+        torch.manual_seed(1)  # the recomputed forward replays the same dropout masks
+        loss = model._losses({"reference": images, "text": texts, "target": images.flip(0)})["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert set(grads_ckpt) == set(grads)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[key], grad, rtol=1e-4, atol=1e-6)
+    assert model.backbone.spec()["init_args"]["gradient_checkpointing"] is True
+    towers = [model.backbone.qformer] if name == "Blip2Backbone" else [model.backbone.vision_model]
+    for tower in towers:
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in tower.modules())
+
+
+def test_bf16_autocast_switch(tmp_path):
+    model = _model(tmp_path, "Blip2Backbone")
+    fast = CoAlign(**{**model.config(), "autocast": "bf16"}).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.backbone.set_tokenizer(model.backbone.get_tokenizer())
+    images, texts = _inputs(model)
+    q, q_fast = model.encode_queries(images, texts), fast.encode_queries(images, texts)
+    t_fast = fast.encode_targets(images)
+    assert q_fast.embedding.dtype == torch.float32 and t_fast.embedding.dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: unit vectors agree to a few 1e-3, but not to float32 precision
+    assert 0 < (q_fast.embedding - q.embedding).abs().max() < 5e-2
+    seen = []
+    hook = fast.backbone.vision_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    fast._losses({"reference": images, "text": texts, "target": images.flip(0)})["loss"].backward()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert CoAlign.from_pretrained(_saved(fast, tmp_path)).autocast == "bf16"
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        CoAlign(TinyBackbone(**TINY), autocast="fp8")
+
+
+def _saved(model, tmp_path):
+    model.save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"

@@ -1,5 +1,6 @@
 """Long runs survive: `--ckpt_path last` resumes, the data order resumes mid-epoch, nothing trains on nothing."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -144,18 +145,21 @@ def test_zero_training_batches_is_an_error_that_says_why():
     assert len(data._loader(dataset, shuffle=True)) == 1  # a plain shuffle keeps the last incomplete batch
 
 
-def test_export_needs_a_training_step_and_fast_dev_run_keeps_an_export(tmp_path, capsys):
+def test_export_needs_a_training_step_and_fast_dev_run_keeps_an_export(tmp_path, caplog):
     written = []
     model = SimpleNamespace(card_info={}, save_pretrained=written.append)
     export = ExportPretrained()
     trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_step=0, ckpt_path=None, fast_dev_run=False)
-    export.on_fit_end(trainer, model)
-    export.on_test_end(trainer, model)
-    assert not written and "no training step ran" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="coalign.callbacks"):
+        export.on_fit_end(trainer, model)
+        export.on_test_end(trainer, model)
+    assert not written and "no training step ran" in caplog.text
+    caplog.clear()
     (tmp_path / "model").mkdir()
     smoke = SimpleNamespace(default_root_dir=str(tmp_path), global_step=1, ckpt_path=None, fast_dev_run=True)
-    export.on_fit_end(smoke, model)
-    assert not written and "kept the existing" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="coalign.callbacks"):
+        export.on_fit_end(smoke, model)
+    assert not written and "fast_dev_run: did not save" in caplog.text
     trained = SimpleNamespace(default_root_dir=str(tmp_path), global_step=5, ckpt_path=None, fast_dev_run=False)
     export.on_fit_end(trained, model)
     assert written == [tmp_path / "model"]

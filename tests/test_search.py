@@ -194,3 +194,92 @@ def test_index_and_search_commands(photos, tmp_path, capsys):
     for command in (index_command, search_command):
         assert command(["--help"]) == 0
         assert "examples:" in capsys.readouterr().out
+
+
+needs_faiss = pytest.mark.skipif(index_module.load_faiss() is None, reason="faiss is not installed")
+
+
+@needs_faiss
+def test_an_approximate_index_is_saved_loaded_checked_and_rebuilt_when_stale(photos, tmp_path):
+    model = _tiny()
+    with pytest.warns(UserWarning, match="skipped"):
+        index = Index.build(model, photos, tmp_path / "idx", progress=False, approximate="hnsw")
+    record = json.loads((tmp_path / "idx" / "index.json").read_text())["approximate"]
+    assert record["kind"] == "hnsw" and record["vectors"] == 14 and record["dim"] == 32
+    assert record["params"] == {"M": 32, "efConstruction": 80, "efSearch": 128, "rerank": 4}
+    saved = tmp_path / "idx" / "faiss.index"
+    assert saved.is_file() and not list((tmp_path / "idx").glob(".tmp-*"))
+
+    query = photos / "img01.png"
+    with torch.no_grad():
+        expected = _brute_force(model, photos, index.paths, query, 5)
+    loaded = Index.load(tmp_path / "idx")
+    got = loaded.search(model, query, TEXT, k=5)  # auto: the saved HNSW index (14 vectors: it finds them all)
+    assert loaded._approximate_index is not None and loaded._approximate_index.ntotal == 14
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+    # a corrupt file, or embeddings that no longer match the record: rebuilt with a warning, never used
+    saved.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="stale .*cannot read the FAISS index"):
+        assert [p for p, _ in Index.load(tmp_path / "idx").search(model, query, TEXT, k=5)] == [p for p, _ in got]
+    assert Index.load(tmp_path / "idx")._load_approximate().ntotal == 14  # the rebuilt file loads silently
+    stale = Index.load(tmp_path / "idx")
+    stale.embeddings[3] = -stale.embeddings[3]
+    with pytest.warns(UserWarning, match="stale .*embeddings changed"):
+        stale.search(model, query, TEXT, k=5)
+    shrunk = Index.load(tmp_path / "idx")
+    shrunk.paths, shrunk.embeddings = shrunk.paths[:10], shrunk.embeddings[:10]
+    with pytest.warns(UserWarning, match="stale .*14 vectors"):
+        shrunk.search(model, query, TEXT, k=3)
+
+    # rebuilt without --approximate: the FAISS file is removed and search is exact again
+    with pytest.warns(UserWarning, match="skipped"):
+        exact = Index.build(model, photos, tmp_path / "idx", progress=False)
+    assert exact.approximate is None and not saved.exists()
+
+
+@needs_faiss
+def test_ivfpq_recall_on_clustered_vectors_and_its_limits(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    rows = F.normalize(
+        centers[torch.randint(64, (12_000,), generator=g)] + 0.2 * torch.randn(12_000, 32, generator=g), dim=-1
+    )
+    queries = F.normalize(centers[:50] + 0.2 * torch.randn(50, 32, generator=g), dim=-1)
+    (tmp_path / "idx").mkdir()
+    info = {"format": "coalign-index", "model": {"fingerprint": "x"}}
+    index = Index(tmp_path / "idx", tmp_path, [f"{i}.png" for i in range(len(rows))], rows.unsqueeze(1), info)
+    index.build_approximate("ivfpq", {"nlist": 64, "nprobe": 8, "train_size": 5000})
+    expected = {"nlist": 64, "nprobe": 8, "m": 8, "bits": 8, "train_size": 5000, "rerank": 20}
+    assert index.approximate["params"] == expected
+    scores, found = index.search_approximate(queries, 10)
+    exact = chunked_topk(queries, rows, 10)
+    recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(found, exact.indices)) / exact.indices.numel()
+    assert recall >= 0.9
+    # re-scored exactly: every returned score is the true inner product
+    torch.testing.assert_close(scores, (queries.unsqueeze(1) * rows[found]).sum(-1))
+    with pytest.raises(ValueError, match="needs at least 39,936 vectors"):
+        index.build_approximate("ivfpq", {"nlist": 1024})
+    with pytest.raises(ValueError, match="must divide the embedding width 32"):
+        index.build_approximate("ivfpq", {"nlist": 16, "m": 5})
+    with pytest.raises(ValueError, match="approximate must be one of hnsw, ivfpq"):
+        index.build_approximate("lsh")
+    with pytest.raises(ValueError, match=r"unknown hnsw parameter\(s\) \['nprobe'\]"):
+        index.build_approximate("hnsw", {"nprobe": 3})
+
+
+@needs_faiss
+def test_the_index_command_builds_an_approximate_index_that_search_uses(photos, tmp_path, capsys):
+    out = tmp_path / "photos.index"
+    assert index_command(["--model", "coalign_tiny", "--images", str(photos), "--output", str(out), "--num_workers",
+                          "0", "--progress", "false", "--device", "cpu", "--approximate", "hnsw"]) == 0  # fmt: skip
+    assert "approximate index hnsw (14 vectors)" in capsys.readouterr().out
+    args = ["--index", str(out), "--image", str(photos / "img01.png"), "--text", TEXT, "-k", "3", "--device", "cpu"]
+    assert search_command(args) == 0
+    approximate = capsys.readouterr().out.splitlines()[1:]
+    assert search_command([*args, "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == approximate  # tiny: the approximate search is exact
+    assert index_command(["--model", "coalign_tiny", "--images", str(photos), "--output", str(tmp_path / "x"),
+                          "--device", "cpu", "--approximate", "lsh"]) == 2  # fmt: skip
+    assert "approximate" in capsys.readouterr().err

@@ -23,6 +23,7 @@ __all__ = [
     "HFTokenizerMixin",
     "check_images",
     "check_query_inputs",
+    "enable_gradient_checkpointing",
     "load_hf_model",
     "load_weights",
 ]
@@ -75,6 +76,27 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: st
             f"the weights from {source} do not fit {type(module).__name__}: is the backbone's `config` the "
             f"architecture of that checkpoint?\n{err}"
         ) from err
+
+
+def enable_gradient_checkpointing(towers: Sequence[nn.Module]) -> None:
+    """Turn on transformers' gradient checkpointing (non-reentrant) in each tower: in training mode its layers
+    keep only their inputs and recompute the rest in the backward pass."""
+    # transformers is already imported by the backbone that calls this: only the logging switch
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    # non-reentrant checkpointing needs no gradient on the inputs; transformers would warn that the Q-Former has
+    # no input embeddings to hook for the reentrant variant
+    hf_logging.set_verbosity_error()
+    try:
+        for tower in towers:
+            kwargs = {"use_reentrant": False}
+            if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 class FrozenModulesMixin:

@@ -73,3 +73,29 @@ class Backbone(Component, abc.ABC):
     def frozen_parameter_names(self) -> list[str]:
         """Names of parameters that are frozen (``requires_grad=False``) by construction options."""
         return [n for n, p in self.named_parameters() if not p.requires_grad]
+
+    # --- the frozen image stem (``CoAlign(feature_cache=...)``) ------------------------------------------
+    # A backbone whose image encoder can be frozen splits ``encode_query`` / ``encode_target`` in two:
+    # ``encode_image_stem`` (the frozen part, pixels -> stem features) and ``*_from_stem`` (the rest), with
+    # ``encode_query(x, ids, mask) == encode_query_from_stem(encode_image_stem(x), ids, mask)`` exactly.
+    def image_stem_modules(self) -> list[str]:
+        """Names of the sub-modules that compute :meth:`encode_image_stem`; [] when there is no such split."""
+        return []
+
+    def image_stem_frozen(self) -> bool:
+        """True when the backbone has an image stem and none of its parameters trains (its outputs can be cached)."""
+        names = self.image_stem_modules()
+        params = [p for name in names for p in self.get_submodule(name).parameters()]
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    def encode_image_stem(self, pixel_values: Tensor) -> Tensor:
+        """The frozen image stem's features ``[B, *stem_shape]`` of images ``[B, 3, H, W]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no image stem to cache")
+
+    def encode_query_from_stem(self, stem: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
+        """:meth:`encode_query` from the reference images' stem features."""
+        raise NotImplementedError(f"{type(self).__name__} has no image stem to cache")
+
+    def encode_target_from_stem(self, stem: Tensor) -> TargetFeatures:
+        """:meth:`encode_target` from the target images' stem features."""
+        raise NotImplementedError(f"{type(self).__name__} has no image stem to cache")

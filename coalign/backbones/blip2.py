@@ -23,6 +23,7 @@ from ._hf import (
     HFTokenizerMixin,
     check_images,
     check_query_inputs,
+    enable_gradient_checkpointing,
     load_hf_model,
     load_weights,
 )
@@ -87,6 +88,16 @@ def blip2_state_dict_from_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     return mapped
 
 
+def _autocast_once(image: Tensor) -> Tensor:
+    """Under autocast, the ViT features in the autocast dtype, cast once: every cross-attention layer's key and value
+    projections would cast them again, and each copy would be kept for the backward (6 layers x 2 copies of
+    ``[B, 257, 1408]``). The same numbers either way: autocast casts a linear layer's input to that dtype."""
+    device = image.device.type
+    if device in ("cuda", "cpu", "xpu") and image.is_floating_point() and torch.is_autocast_enabled(device):
+        return image.to(torch.get_autocast_dtype(device))
+    return image
+
+
 @register_component
 class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
     """BLIP-2 (EVA ViT-g + Q-Former) as the paper's CoAlign backbone.
@@ -112,6 +123,12 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
         freeze_image_encoder: freeze the ViT (BLIP-2 and SPRC keep it frozen; it is 1B parameters).
         tokenizer: hub id or local folder of the BERT tokenizer; None means ``model_name``.
         max_length: texts are padded/truncated to this many tokens (BLIP-2 uses 32 for retrieval).
+        gradient_checkpointing: recompute the activations of the trainable towers (the Q-Former, and the ViT
+            when it is not frozen) in the backward pass instead of keeping them: less memory, about a third more
+            compute for those towers.
+
+    The frozen ViT is the backbone's image stem (:meth:`encode_image_stem`, ``[B, 1 + P, D_vit]``), the part
+    ``CoAlign(feature_cache=...)`` computes once per image.
 
     Raises:
         ValueError: unknown ``model_name`` without ``config``, a config that disables the Q-Former's text input,
@@ -125,6 +142,7 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
         freeze_image_encoder: bool = True,
         tokenizer: str | None = None,
         max_length: int = 32,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         # transformers' model classes cost seconds to import: only when this backbone is built
@@ -167,6 +185,10 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
 
         if freeze_image_encoder:
             self.freeze_modules(["vision_model"])
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            trainable = [self.qformer] + ([] if freeze_image_encoder else [self.vision_model])
+            enable_gradient_checkpointing(trainable)
 
     def _init_own_weights(self, std: float) -> None:
         # BERT-style init as LAVIS does. Not zeros for the query tokens (transformers' choice, overwritten by
@@ -185,12 +207,22 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
         return ImageConfig(size=self._image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD))
 
     # --- encoders -------------------------------------------------------------------------------------
-    def _image_features(self, pixel_values: Tensor) -> Tensor:
-        return self.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, 1 + P, D_vit]
+    def image_stem_modules(self) -> list[str]:
+        return ["vision_model"]
+
+    def encode_image_stem(self, pixel_values: Tensor) -> Tensor:
+        """The ViT's last hidden state ``[B, 1 + P, D_vit]`` (after its post-layernorm)."""
+        check_images(pixel_values, self._image_size, "Blip2Backbone.encode_image_stem")
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def encode_query(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
         check_query_inputs(pixel_values, input_ids, attention_mask, self._image_size, "Blip2Backbone.encode_query")
-        image = self._image_features(pixel_values)
+        return self.encode_query_from_stem(self.encode_image_stem(pixel_values), input_ids, attention_mask)
+
+    def encode_query_from_stem(self, stem: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
+        image = _autocast_once(stem)
+        if image.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Blip2Backbone: {image.shape[0]} reference images but {input_ids.shape[0]} texts")
         n, b = self.num_query_tokens, image.shape[0]
         query = self.query_tokens.expand(b, -1, -1)
         sequence = self.embeddings(input_ids=input_ids, query_embeds=query)  # [B, N_q + L, H]
@@ -207,7 +239,10 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
 
     def encode_target(self, pixel_values: Tensor) -> TargetFeatures:
         check_images(pixel_values, self._image_size, "Blip2Backbone.encode_target")
-        image = self._image_features(pixel_values)
+        return self.encode_target_from_stem(self.encode_image_stem(pixel_values))
+
+    def encode_target_from_stem(self, stem: Tensor) -> TargetFeatures:
+        image = _autocast_once(stem)
         query = self.query_tokens.expand(image.shape[0], -1, -1)
         hidden = self.qformer(query_embeds=query, encoder_hidden_states=image).last_hidden_state
         tokens = F.normalize(self.vision_proj(hidden), dim=-1)

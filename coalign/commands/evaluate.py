@@ -39,10 +39,14 @@ examples:
   coalign evaluate --model ./my_model --data CIRRDataModule --data.root data/CIRR --split test1 --output_dir out/
   coalign evaluate --model owner/coalign-blip2 --data CIRCODataModule --data.root data/CIRCO --split val \\
       --output_dir out/ --cache_dir ~/.cache/coalign --gallery_dtype float16
+  coalign evaluate --model coalign_tiny --random_init true --data CIRRDataModule --data.root data/CIRR \
+      --output_dir /tmp/smoke --progress false   (a smoke test of the files, with random weights)
   coalign evaluate --config eval_cirr.yaml          (a YAML of the same keys; --print_config writes one)
 """
 
 _CHECK_EPILOG = """\
+Exit status 0 when the file would be accepted, 1 when a problem was found (each kind listed once), 2 on bad input.
+
 examples:
   coalign check-submission out/cirr_test1_recall.json --data CIRRDataModule --data.root data/CIRR
   coalign check-submission out/circo_test.json --data CIRCODataModule --data.root data/CIRCO --split test
@@ -67,7 +71,7 @@ def evaluate(
     Args:
         model: a registered model name, a checkpoint folder written by save_pretrained, a Lightning .ckpt file or
             a Hub id (owner/name).
-        data: the benchmark and its protocol options, e.g. ``--data CIRRDataModule --data.root data/CIRR``.
+        data: the benchmark and its protocol options, e.g. --data CIRRDataModule --data.root data/CIRR.
         output_dir: folder for metrics.json and the ranking files.
         split: fashioniq: val|test; cirr: val|test1; circo: val|test.
         device: torch device (default: cuda if available, else cpu).
@@ -109,7 +113,7 @@ def check_submission(file: Path, data: BenchmarkDataModule, split: str | None = 
 
     Args:
         file: the JSON file to upload.
-        data: the benchmark, e.g. ``--data CIRRDataModule --data.root data/CIRR`` (only annotation files are read).
+        data: the benchmark, e.g. --data CIRRDataModule --data.root data/CIRR (only annotation files are read).
         split: default: the benchmark's test split (cirr: test1, circo: test).
     """
     split = split or data.test_split

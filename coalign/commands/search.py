@@ -67,6 +67,7 @@ def index(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    approximate: Literal["hnsw", "ivfpq"] | None = None,
 ) -> int:
     """Encode every image of a folder (recursively) once, for `coalign search`.
 
@@ -82,6 +83,9 @@ def index(
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         overwrite: replace an index of another model or folder.
         progress: show a progress bar.
+        approximate: also build an approximate FAISS index for collections beyond a few million vectors (needs
+            faiss): hnsw (graph; M 32, efSearch 128) or ivfpq (nlist 4*sqrt(vectors), nprobe 32, m dim/4); saved
+            as faiss.index, used by `coalign search`, its candidates re-scored exactly. Default: exact search.
     """
     encoder = _load_model(model, device, "index")
     with warnings.catch_warnings():
@@ -98,8 +102,10 @@ def index(
             dtype=getattr(torch, dtype),
             overwrite=overwrite,
             progress=progress,
+            approximate=approximate,
         )
-    print(f"indexed {len(built)} images of {built.root} into {built.directory}")
+    kind = f", approximate index {approximate} ({built.approximate['vectors']:,} vectors)" if approximate else ""
+    print(f"indexed {len(built)} images of {built.root} into {built.directory}{kind}")
     if built.skipped:
         print(f"warning: skipped {len(built.skipped)} unreadable image(s) (listed in index.json):", file=sys.stderr)
         for entry in built.skipped[:5]:
@@ -128,7 +134,8 @@ def search(
         model: default: the model recorded in the index; otherwise a registered model name, a save_pretrained
             folder, a Lightning .ckpt file or a Hub id (owner/name).
         output: write a picture of the query and its results (PNG).
-        backend: auto (FAISS if installed and the model runs on the CPU), faiss or torch.
+        backend: auto (the index's approximate FAISS index if it was built with one; else exact, with FAISS if
+            installed and the model runs on the CPU), faiss or torch (both exact).
         keep_query: keep the query image in the results if it is indexed.
         device: cpu, cuda, ... (default: cuda when available).
     """

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._features import QueryFeatures, TargetFeatures
 from .evaluator import RetrievalEvaluator
-from .topk import chunked_topk
+from .topk import chunked_topk, scoring_function
 
 __all__ = [
     "Gallery",
@@ -59,7 +59,7 @@ def encode_gallery(model, loader: Iterable[dict], progress: bool = True, dtype: 
     Args:
         model: anything with ``encode_targets(images)`` and ``device``.
         loader: gallery batches, in a fixed order.
-        progress: show a progress bar.
+        progress: show a progress bar (images encoded of the gallery's total).
         dtype: storage dtype of the features (e.g. ``torch.float16`` halves a large gallery); None keeps the
             model's.
     """
@@ -68,10 +68,13 @@ def encode_gallery(model, loader: Iterable[dict], progress: bool = True, dtype: 
     store: TargetFeatures | None = None
     parts: list[TargetFeatures] = []
     device = model.device
-    for batch in tqdm(loader, desc="encoding gallery", disable=not progress, unit="batch"):
+    # counts images, not batches (a 123K-image gallery); erased when done, so validation's own bar stays in view
+    bar = tqdm(total=total, desc="encoding gallery", unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in loader:
         feats = model.encode_targets(batch["image"].to(device)).to("cpu", dtype)
         start = len(ids)
         ids.extend(str(i) for i in batch["image_id"])
+        bar.update(len(ids) - start)
         if total is None:
             parts.append(feats)
             continue
@@ -84,6 +87,7 @@ def encode_gallery(model, loader: Iterable[dict], progress: bool = True, dtype: 
             raise ValueError(f"the gallery loader yielded more than its dataset's {total} images")
         store.embedding[start : len(ids)] = feats.embedding
         store.tokens[start : len(ids)] = feats.tokens
+    bar.close()
     if not ids:
         raise ValueError("the gallery is empty")
     features = TargetFeatures.cat(parts) if store is None else store[: len(ids)]
@@ -109,7 +113,8 @@ def rank(
         gallery: encoded gallery (CPU); only its global embeddings move, chunk by chunk.
         k: list length; capped at the gallery size (minus one when excluding).
         exclude_ids: per query, a gallery id to remove from its ranking (the reference image), or None.
-        chunk_size: gallery rows per chunk; None sizes chunks by ``topk.SCORE_BUDGET``.
+        chunk_size: gallery rows per chunk; None sizes chunks by ``topk.CPU_BLOCK_BUDGET`` (CPU) or
+            ``topk.SCORE_BUDGET``.
         query_chunk_size: queries ranked together (bounds the score block for large query sets).
 
     Returns:
@@ -127,7 +132,7 @@ def rank(
     for q0 in range(0, len(queries), query_chunk_size):
         part = queries[q0 : q0 + query_chunk_size]
         ex = None if excluded is None else excluded[q0 : q0 + query_chunk_size]
-        top = chunked_topk(part.embedding, gallery.features.embedding, keep, model.similarity, ex, chunk_size)
+        top = chunked_topk(part.embedding, gallery.features.embedding, keep, scoring_function(model), ex, chunk_size)
         index, score = top.indices, top.values
         if rerank_k:
             head_index, head_scores = model.rerank(part, gallery.features, index[:, :rerank_k], score[:, :rerank_k])

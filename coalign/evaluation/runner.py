@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..io import atomic_write_json, format_table
 from .cache import cached_gallery
 from .engine import evaluation_step
+from .pictures import collect_examples, draw_examples, picture_title
 
 __all__ = ["EvaluationResult", "evaluate", "write_results", "result_table"]
 
@@ -88,8 +89,10 @@ def evaluate(
         evaluator = datamodule.build_evaluator(split)
         evaluator.check_gallery(gallery.ids)
         loader = datamodule.query_dataloader(split)
+        examples: list[dict] = []
         for batch in tqdm(loader, desc=f"ranking {datamodule.benchmark} {split} queries", disable=not progress):
-            evaluation_step(model, batch, gallery, evaluator)
+            index, scores = evaluation_step(model, batch, gallery, evaluator)
+            collect_examples(examples, batch, index, scores, gallery.ids)
         metrics = evaluator.compute()
         rankings = datamodule.ranking_files(split, evaluator)
     finally:
@@ -107,6 +110,14 @@ def evaluate(
     result = EvaluationResult(metrics, {f"protocol/{k}": v for k, v in options.items()}, rankings)
     if output_dir is not None:
         result.files = write_results(result, output_dir, has_labels=data.has_labels)
+        if data.has_labels and metrics:  # a picture of a few varied queries (the true target shown when missed)
+            picture = Path(output_dir) / "retrieval_examples.png"
+            transform = datamodule.image_transform
+            title = picture_title(f"{datamodule.benchmark} {split}", metrics)
+            gallery_images = getattr(datamodule.gallery_dataloader(split), "dataset", None)
+            mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
+            if mean is not None and draw_examples(examples, gallery_images, mean, std, picture, title) is not None:
+                result.files.append(picture)
     return result
 
 
