@@ -15,9 +15,9 @@ from typing import Literal
 
 import torch
 
+import coalign
+
 from ..command import run_command
-from ..factory import load_model
-from ..index import Index, draw_results
 
 __all__ = ["index", "search", "index_command", "search_command"]
 
@@ -50,7 +50,7 @@ def _load_model(spec: str, device: str | None, command: str):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load_model(spec, random_init=None, device=device)
+        model = coalign.load_model(spec, random_init=None, device=device)
     for w in caught:
         print(f"coalign {command}: note: {w.message}", file=sys.stderr)
     return model.eval()
@@ -90,7 +90,7 @@ def index(
     encoder = _load_model(model, device, "index")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="skipped .* unreadable")  # reported below, with the list
-        built = Index.build(
+        built = coalign.Index.build(
             encoder,
             images,
             output,
@@ -139,7 +139,7 @@ def search(
         keep_query: keep the query image in the results if it is indexed.
         device: cpu, cuda, ... (default: cuda when available).
     """
-    opened = Index.load(index)
+    opened = coalign.Index.load(index)
     spec = model or opened.model_name
     if not spec:
         raise ValueError("the index records no model name; pass --model")
@@ -150,7 +150,7 @@ def search(
     for rank, (path, score) in enumerate(results, 1):
         print(f"{rank:>{width}}  {score:7.4f}  {path}")
     if output:
-        draw_results(image, text, results, output)
+        coalign.index.draw_results(image, text, results, output)
         print(f"wrote {output}")
     return 0
 
