@@ -5,7 +5,7 @@ A checkpoint folder holds::
     config.json         {"format": "coalign", "version", "model": <CoAlign.config()>, "preprocess", "card"}
     model.safetensors   every weight of the model (loaded strictly: a missing or unexpected key raises)
     assets/             files a backbone needs besides weights (its tokenizer)
-    README.md           the model card (training data and metrics when known)
+    README.md           the model card: Hub metadata (pipeline tag, base model, eval results) + training facts
 
 Loading builds the model from ``config.json`` through the component registry (only registered classes may be
 named), so a full checkpoint never triggers a download of base backbone weights it would overwrite, and nothing
@@ -15,11 +15,13 @@ is ever unpickled.
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, snapshot_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors.torch import load_model, save_model
 
 from ._version import __version__
@@ -101,20 +103,7 @@ class HubMixinOverrides:
     _hub_mixin_config = None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_directory = Path(save_directory)
-        config = {
-            "format": FORMAT,
-            "version": __version__,
-            "model": self.config(),
-            "preprocess": self.preprocess.config(),
-            "card": self.card_info,
-        }
-        atomic_write_text(save_directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-        save_model(self, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        assets = save_directory / "assets"
-        assets.mkdir(exist_ok=True)
-        self.backbone.save_assets(assets)
-        self.generate_model_card().save(save_directory / "README.md")
+        self._write_checkpoint(Path(save_directory), source=str(save_directory))
 
     @classmethod
     def from_pretrained(
@@ -199,51 +188,265 @@ class HubMixinOverrides:
         with torch.no_grad():
             self.load_state_dict(state, strict=added is None)
 
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+    def _write_checkpoint(self, folder: Path, source: str | None) -> None:
+        """config.json, the weights, the backbone's assets and the model card (whose usage snippet loads
+        ``source``: the folder after ``save_pretrained``, the repo id after ``push_to_hub``)."""
+        config = {
+            "format": FORMAT,
+            "version": __version__,
+            "model": self.config(),
+            "preprocess": self.preprocess.config(),
+            "card": self.card_info,
+        }
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        assets = folder / "assets"
+        assets.mkdir(exist_ok=True)
+        self.backbone.save_assets(assets)
+        self.generate_model_card(source=source).save(folder / "README.md")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        config: dict | None = None,
+        commit_message: str = "Push model using huggingface_hub.",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        allow_patterns: list[str] | str | None = None,
+        ignore_patterns: list[str] | str | None = None,
+        delete_patterns: list[str] | str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload the model to the Hub repo ``repo_id`` (created if missing) in one commit; returns the commit URL.
+
+        The model card's usage snippet names the repo id the Hub resolved (``"name"`` becomes ``"user/name"``).
+        """
+        if config is not None:
+            raise TypeError("push_to_hub takes no config: CoAlign writes config.json from the model itself")
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            self._write_checkpoint(folder, source=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=branch,
+                create_pr=create_pr,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                delete_patterns=delete_patterns,
+            )
+
+    def generate_model_card(self, *args: Any, source: str | None = None, **kwargs: Any) -> ModelCard:
+        """The model card: Hub metadata (library, pipeline tag, license, base model, tags, datasets, eval results)
+        and a README with usage, training facts, metrics, the configuration and the citation.
+
+        ``card_info`` keys read: ``name``, ``license``, ``tags``, ``datasets`` (Hub dataset ids),
+        ``training_data`` (free text), ``training`` (facts of the run, written by ``ExportPretrained``),
+        ``metrics`` (``"<benchmark>[/<subset>]/<metric>"`` -> %), ``metric_splits`` (benchmark -> split) and
+        ``split`` (the split of metrics whose benchmark has none).
+        """
         info = self.card_info or {}
-        datasets = info.get("datasets") or []
-        metrics = info.get("metrics") or {}
-        lines = [
-            "---",
-            "library_name: coalign",
-            "tags:",
-            "- composed-image-retrieval",
-            "- coalign",
-            "- image-retrieval",
+        metrics = {str(k): _number(k, v) for k, v in (info.get("metrics") or {}).items()}
+        splits = dict(info.get("metric_splits") or {})
+        default_split = info.get("split")
+        architecture = info.get("name")
+        title = source.rstrip("/").split("/")[-1] if source and _is_hub_id(source) else architecture
+        title = title or "coalign model"
+        base_model = self.hub_base_model()
+        datasets = [str(d) for d in info.get("datasets") or []]
+        ordered = sorted(metrics, key=metric_sort_key)
+        results = [r for k in ordered if (r := _eval_result(k, metrics[k], splits, default_split)) is not None]
+        data = ModelCardData(
+            model_name=title,
+            library_name="coalign",
+            pipeline_tag=PIPELINE_TAG,
+            license=info.get("license") or DEFAULT_LICENSE,
+            base_model=base_model,
+            tags=list(dict.fromkeys([*TAGS, *(info.get("tags") or [])])),
+            datasets=datasets or None,
+            eval_results=results or None,
+        )
+        body = [f"# {title}", ""]
+        body += [
+            "A coalign model for composed image retrieval: a reference image plus a modification text retrieves the "
+            "target image. The architecture is CoAlign (Hybrid Contextual Alignment) from *Automatic Synthesis of "
+            'High-Quality Triplet Data for Composed Image Retrieval* (arXiv 2507.05970), see "Citation".',
+            "",
         ]
-        if datasets:
-            lines += ["datasets:", *[f"- {d}" for d in datasets]]
-        lines += ["---", "", f"# {info.get('name', 'CoAlign model')}", ""]
-        lines += [
-            "A [coalign](https://github.com/coalign/coalign) model for composed image retrieval: a reference image "
-            "plus a modification text retrieves the target image.",
+        facts = []
+        if architecture and architecture != title:
+            facts.append(f"- Architecture: `{architecture}`")
+        if base_model:
+            facts.append(f"- Base model: [{base_model}](https://huggingface.co/{base_model})")
+        body += [*facts, ""] if facts else []
+        load = json.dumps(source) if source else "folder_or_repo_id"
+        body += [
+            "## Usage",
             "",
             "```python",
             "from coalign import CoAlign",
             "",
-            'model = CoAlign.from_pretrained("<this repo or folder>")',
+            f"model = CoAlign.from_pretrained({load})",
             'queries = model.encode_queries([reference_image], ["make it red"])',
             "targets = model.encode_targets(gallery_images)",
-            "scores = model.similarity(queries, targets)",
+            "scores = model.similarity(queries, targets)  # [num_queries, num_gallery]",
             "```",
             "",
-            "## Training data",
+            "## Training",
             "",
-            info.get("training_data", "Not recorded.") if not datasets else ", ".join(datasets),
+            *_training_lines(info, datasets),
             "",
-            "## Metrics",
+            "## Evaluation",
             "",
         ]
         if metrics:
-            lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v:.2f} |" for k, v in sorted(metrics.items())]]
+            body += ["| benchmark | split | metric (as in metrics.json) | value (%) |", "|---|---|---|---|"]
+            for key in ordered:
+                benchmark = split_metric_key(key)[0]
+                split = splits.get(benchmark) or default_split or "not recorded"
+                label = BENCHMARKS.get(benchmark, benchmark) if benchmark else "-"
+                body.append(f"| {label} | {split} | {key} | {metrics[key]:.2f} |")
         else:
-            lines.append("Not evaluated yet.")
-        lines += [
+            body.append("Not evaluated yet.")
+        model_config = {k: v for k, v in self.config().items() if k not in ("optimizer", "lr_scheduler")}
+        body += [
             "",
             "## Configuration",
             "",
             "```json",
-            json.dumps({k: v for k, v in self.config().items() if k not in ("optimizer", "lr_scheduler")}, indent=2),
+            json.dumps(model_config, indent=2),
+            "```",
+            "",
+            "## Citation",
+            "",
+            "```bibtex",
+            CITATION,
             "```",
         ]
-        return ModelCard("\n".join(lines) + "\n")
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+    def hub_base_model(self) -> str | None:
+        """The Hub id the weights started from: ``init_from`` when it is a Hub repo, else the backbone's source
+        (e.g. ``Salesforce/blip2-itm-vit-g``); None for a backbone trained from scratch or a local source."""
+        init_from = self.config().get("init_from")
+        if isinstance(init_from, str) and init_from not in list_models() and _is_hub_id(init_from):
+            return init_from
+        name = getattr(self.backbone, "model_name", None)
+        return name if isinstance(name, str) and _is_hub_id(name) else None
+
+
+#: the Hub's pipeline tag: CoAlign turns (image + text) queries and gallery images into embeddings compared by
+#: cosine similarity; the Hub has no composed-retrieval task, and image-feature-extraction is the task of models
+#: whose output is an image embedding used for retrieval
+PIPELINE_TAG = "image-feature-extraction"
+#: the project's own license (pyproject.toml); ``card_info["license"]`` overrides it (mind the base model's)
+DEFAULT_LICENSE = "apache-2.0"
+TAGS = ["coalign", "composed-image-retrieval", "image-retrieval", "pytorch", "lightning"]
+#: metric prefix -> the benchmark's name on the card
+BENCHMARKS = {
+    "cirr": "CIRR",
+    "circo": "CIRCO",
+    "fashioniq": "FashionIQ",
+    "shapes": "Shapes",
+    "triplets": "custom triplets",
+}
+CITATION = """@article{li2025automatic,
+  title   = {Automatic Synthesis of High-Quality Triplet Data for Composed Image Retrieval},
+  author  = {Li, Haiwen and Liu, Delong and Hou, Zhaohui and Zhao, Zhicheng and Su, Fei},
+  journal = {arXiv preprint arXiv:2507.05970},
+  year    = {2025}
+}"""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_AT_K = re.compile(r"(.+?)@(\d+)")
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` that is not an existing local path."""
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
+def split_metric_key(key: str) -> tuple[str | None, str | None, str]:
+    """``"fashioniq/dress/R@10"`` -> ``("fashioniq", "dress", "R@10")``; ``"R@1"`` -> ``(None, None, "R@1")``."""
+    parts = key.split("/")
+    if len(parts) == 1:
+        return None, None, key
+    return parts[0], "/".join(parts[1:-1]) or None, parts[-1]
+
+
+def metric_sort_key(key: str) -> tuple:
+    """Benchmark, subset, then R@K by K, other @K metrics by name and K, then the rest by name."""
+    benchmark, subset, name = split_metric_key(key)
+    match = _AT_K.fullmatch(name)
+    if match is None:
+        rank = (2, "", 0, name)
+    else:
+        family, k = match.group(1), int(match.group(2))
+        rank = (0 if family == "R" else 1, family, k, name)
+    return (benchmark or "", subset or "", *rank)
+
+
+def _eval_result(key: str, value: float, splits: dict[str, str], default_split: str | None) -> EvalResult | None:
+    benchmark, subset, name = split_metric_key(key)
+    if benchmark is None:  # no benchmark to name the result by: on the card's table only
+        return None
+    return EvalResult(
+        task_type=PIPELINE_TAG,
+        task_name="Composed Image Retrieval",
+        dataset_type=benchmark,
+        dataset_name=BENCHMARKS.get(benchmark, benchmark),
+        dataset_config=subset,
+        dataset_split=splits.get(benchmark) or default_split,
+        metric_type=name,
+        metric_name=name,
+        metric_value=round(value, 2),
+    )
+
+
+def _training_lines(info: dict[str, Any], datasets: list[str]) -> list[str]:
+    lines = []
+    if info.get("training_data"):
+        lines += [str(info["training_data"]), ""]
+    if datasets:
+        lines += [f"Datasets: {', '.join(datasets)}", ""]
+    run = info.get("training") or {}
+    rows = [
+        ("steps run", run.get("steps")),
+        ("weights exported", run.get("exported")),
+        ("epochs", run.get("epochs")),
+        ("resumed from", run.get("resumed_from")),
+        ("DataModule", run.get("datamodule")),
+        ("training examples", run.get("train_size")),
+        ("wall time (this run)", _duration(run.get("wall_time_s"))),
+        ("precision", run.get("precision")),
+        ("device", run.get("device")),
+    ]
+    rows = [(k, v) for k, v in rows if v is not None]
+    if rows:
+        lines += ["| fact | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    elif not lines:
+        lines.append("Not recorded (no facts of a training run: this model was not exported by a `coalign fit`).")
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _number(key: Any, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"card_info['metrics'][{key!r}] = {value!r} is not a number; metrics are percentages")
+    return float(value)
+
+
+def _duration(seconds: Any) -> str | None:
+    if seconds is None:
+        return None
+    seconds = float(seconds)
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d} ({seconds:.1f} s)"

@@ -7,6 +7,7 @@ Status lines go through :mod:`logging` (logger ``coalign.callbacks``), from rank
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,14 +119,24 @@ class ExportPretrained(L.Callback):
     replaces an export), nor when no training step ran (0 training batches, ``max_steps: 0``) and the model was not
     loaded from a checkpoint: an untrained model must not pass for a trained one.
 
+    The model card records the facts of the run itself, never the config's intentions: the steps actually run
+    (and the step of the exported weights), epochs, the DataModule and its number of training examples, the wall
+    time from the start to the end of ``fit``, precision and device; after a test run, the split its metrics
+    were measured on.
+
     Args:
         dirpath: output folder; None uses ``<trainer.default_root_dir>/model``.
         training_data: a description of the training data for the model card.
+        license: the model card's license (a Hub license id); None keeps the card's default (``apache-2.0``, the
+            project's license). Mind the base model's license.
     """
 
-    def __init__(self, dirpath: str | None = None, training_data: str | None = None):
+    def __init__(self, dirpath: str | None = None, training_data: str | None = None, license: str | None = None):
         self.dirpath = dirpath
         self.training_data = training_data
+        self.license = license
+        self._fit_start: float | None = None
+        self._train_facts: dict[str, Any] = {}
 
     def _skip(self, trainer: L.Trainer, path: Path) -> bool:
         if trainer.fast_dev_run:
@@ -139,8 +150,39 @@ class ExportPretrained(L.Callback):
     def _save(self, pl_module: L.LightningModule, path: Path, what: str = "") -> None:
         if self.training_data:
             pl_module.card_info["training_data"] = self.training_data
+        if self.license:
+            pl_module.card_info["license"] = self.license
         pl_module.save_pretrained(path)
         log.info(f"saved the model{what} to {path} (load it with CoAlign.from_pretrained({str(path)!r}))")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._train_facts = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        self._train_facts = {
+            "datamodule": None if datamodule is None else type(datamodule).__name__,
+            "train_size": _dataset_size(getattr(trainer, "train_dataloader", None)),
+        }
+
+    def _record_fit(self, trainer: L.Trainer, pl_module: L.LightningModule, best: str | None, step: Any) -> None:
+        """The facts of this fit, read from the trainer (the YAML's max_steps may not have been reached)."""
+        strategy = getattr(trainer, "strategy", None)
+        device = getattr(strategy, "root_device", None)
+        devices = getattr(trainer, "num_devices", 1)
+        facts = {
+            "steps": int(trainer.global_step),
+            "epochs": getattr(trainer, "current_epoch", None),
+            **self._train_facts,
+            "wall_time_s": None if self._fit_start is None else round(time.perf_counter() - self._fit_start, 1),
+            "precision": None if getattr(trainer, "precision", None) is None else str(trainer.precision),
+            "device": None if device is None else f"{device.type} x{devices}" if devices > 1 else device.type,
+            "resumed_from": Path(trainer.ckpt_path).name if getattr(trainer, "ckpt_path", None) else None,
+        }
+        if best is not None:
+            facts["exported"] = f"best checkpoint {Path(best).name}" + (f" (step {step})" if step is not None else "")
+        pl_module.card_info["training"] = {k: v for k, v in facts.items() if v is not None}
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -149,13 +191,15 @@ class ExportPretrained(L.Callback):
             return
         best = best_checkpoint(trainer)
         if best is None:
+            self._record_fit(trainer, pl_module, None, None)
             self._save(pl_module, path)
             return
         # the best weights, then the model's own last weights back (the fit's caller still holds the model)
         last = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        self._record_fit(trainer, pl_module, best, checkpoint.get("global_step"))
         try:
-            pl_module.load_state_dict(state)
+            pl_module.load_state_dict(checkpoint["state_dict"])
             self._save(pl_module, path, f" of the best checkpoint {Path(best).name}")
         finally:
             pl_module.load_state_dict(last)
@@ -163,8 +207,26 @@ class ExportPretrained(L.Callback):
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath or Path(trainer.default_root_dir) / "model")
-        if not self._skip(trainer, path):
-            self._save(pl_module, path, " (with its test metrics)")
+        if self._skip(trainer, path):
+            return
+        # the test's metrics and split, whether RetrievalReport runs before this callback or after it
+        result: EvaluationOutcome | None = getattr(pl_module, "last_evaluation", None)
+        if result is not None and result.metrics:
+            metrics = {k: round(float(v), 4) for k, v in result.metrics.items()}
+            pl_module.card_info.setdefault("metrics", {}).update(metrics)
+            splits = pl_module.card_info.setdefault("metric_splits", {})
+            splits.update({key.split("/")[0]: result.split for key in metrics if "/" in key})
+            if any("/" not in key for key in metrics):
+                pl_module.card_info["split"] = result.split
+        self._save(pl_module, path, " (with its test metrics)")
+
+
+def _dataset_size(loader: Any) -> int | None:
+    """The number of examples of a training loader's dataset, when it has one with a length."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 class EmbeddingWriter(BasePredictionWriter):

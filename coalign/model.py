@@ -141,7 +141,14 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
     def preprocess(self) -> ImageTransform:
         """The model's own image transform: PIL image -> normalised tensor of the backbone's size."""
         cfg = self.backbone.image_config
-        return ImageTransform(cfg["size"], cfg["mean"], cfg["std"], self.target_pad_ratio)
+        return ImageTransform(
+            cfg["size"],
+            cfg["mean"],
+            cfg["std"],
+            self.target_pad_ratio,
+            resample=cfg.get("resample"),
+            resize_mode=cfg.get("resize_mode", "shortest_edge"),
+        )
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Tokenise modification texts with the backbone's tokenizer (``input_ids``, ``attention_mask``)."""

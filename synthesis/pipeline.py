@@ -20,6 +20,7 @@ from typing import Any
 
 from coalign.io import atomic_write_json
 
+from . import openai_backend  # noqa: F401  (registers OpenAIChat and OpenAIJudge: a YAML may name them by class name)
 from ._io import list_failures
 from .assemble import assemble
 from .config import SynthesisConfig, fingerprint

@@ -12,6 +12,7 @@ from coalign.backbones import Backbone, TinyBackbone
 from coalign.heads import ContextualAlignmentHead, GlobalHead, LocalHead, TokenReasoningHead
 from coalign.registry import Component, list_components
 from tests._tiny_hf import tiny_blip2_backbone, tiny_clip_backbone
+from tests.test_backbone_timm import tiny_timm_backbone
 
 TINY = {"image_size": 16, "channels": 4, "stages": 2, "embed_dim": 16, "token_dim": 8, "text_layers": 1}
 
@@ -21,10 +22,12 @@ def tiny_backbone(tmp_path, name):
         return TinyBackbone(**TINY)
     if name == "CLIPBackbone":
         return tiny_clip_backbone(tmp_path)
+    if name == "TimmBackbone":
+        return tiny_timm_backbone(tmp_path)
     return tiny_blip2_backbone(tmp_path)
 
 
-BACKBONES = ["TinyBackbone", "CLIPBackbone", "Blip2Backbone"]
+BACKBONES = ["TinyBackbone", "CLIPBackbone", "Blip2Backbone", "TimmBackbone"]
 
 
 def test_every_registered_backbone_and_head_is_covered():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import coalign._hub
 from coalign import CoAlign
 from coalign.backbones import TinyBackbone
 from coalign.cli import main
@@ -148,6 +149,7 @@ def test_finetune_custom_from_a_checkpoint_then_publish(tmp_path, monkeypatch):
             return f"local://{repo_id}"
 
     monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", LocalHub)
+    monkeypatch.setattr(coalign._hub, "HfApi", LocalHub)  # CoAlign.push_to_hub writes its own card, then uploads
     assert tuned.push_to_hub("me/my-cir") == "local://me/my-cir"
     card = (hub / "me" / "my-cir" / "README.md").read_text()
     assert "custom triplets" in card and "triplets/R@1" in card

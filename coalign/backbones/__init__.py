@@ -4,6 +4,7 @@ from .base import Backbone
 from .blip2 import Blip2Backbone
 from .clip import CLIPBackbone
 from .composers import Combiner, Composer, ImageOnlyComposer, SumComposer, TextOnlyComposer
+from .timm_backbone import TimmBackbone
 from .tiny import HashingTokenizer, TinyBackbone
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "HashingTokenizer",
     "CLIPBackbone",
     "Blip2Backbone",
+    "TimmBackbone",
 ]

@@ -15,7 +15,16 @@ __all__ = ["Backbone", "ImageConfig"]
 
 
 class ImageConfig(dict):
-    """Preprocessing a backbone expects: ``{"size": int, "mean": [3 floats], "std": [3 floats]}``."""
+    """Preprocessing a backbone expects, the arguments of :class:`coalign.transforms.ImageTransform`.
+
+    ``{"size": int, "mean": [3 floats], "std": [3 floats]}`` and optionally ``"resample"`` (``"bicubic"``,
+    ``"bilinear"``, ``"nearest"``; absent: the float bilinear resize of configs written before it existed) and
+    ``"resize_mode"`` (``"shortest_edge"``: short side to ``size`` then centre crop, the default; ``"square"``:
+    straight to ``size x size``). A backbone with published weights states its source's image processor here
+    (CLIP: bicubic, shortest edge + crop; BLIP-2: bicubic, square) and, when it loads weights from a folder
+    holding a ``preprocessor_config.json``, the settings of that file
+    (:func:`coalign.transforms.image_config_from_processor`).
+    """
 
 
 class Backbone(Component, abc.ABC):
@@ -41,7 +50,7 @@ class Backbone(Component, abc.ABC):
     @property
     @abc.abstractmethod
     def image_config(self) -> dict[str, Any]:
-        """``{"size": int, "mean": [r, g, b], "std": [r, g, b]}`` of the images this backbone expects."""
+        """The :class:`ImageConfig` of the images this backbone expects (``size``, ``mean``, ``std``, ...)."""
 
     @abc.abstractmethod
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
