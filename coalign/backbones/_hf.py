@@ -16,6 +16,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..io import atomic_write_json, read_json
+from ..transforms import PROCESSOR_CONFIG, image_config_from_processor
+from .base import ImageConfig
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -194,6 +198,46 @@ class HFTokenizerMixin:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+
+class ProcessorConfigMixin:
+    """Image settings from the checkpoint's ``preprocessor_config.json``, for backbones built on transformers.
+
+    A backbone states its processor's own settings in ``_own_image_config()`` (size, mean, std, resampling, resize
+    mode); a ``preprocessor_config.json`` next to the pretrained weights (:meth:`read_processor_config`) or saved
+    in a checkpoint's assets overrides them, and is saved again with the assets so a reloaded model keeps it.
+    """
+
+    _processor_config: dict[str, Any] | None = None
+    _image_size: int
+
+    def _own_image_config(self) -> ImageConfig:
+        raise NotImplementedError
+
+    @property
+    def image_config(self) -> ImageConfig:
+        own = self._own_image_config()
+        if self._processor_config is None:
+            return own
+        return ImageConfig(image_config_from_processor(self._processor_config, default=own))
+
+    def read_processor_config(self, folder: str | Path) -> None:
+        """Use the image settings of ``folder/preprocessor_config.json`` if it exists (a clear error if unusable)."""
+        path = Path(folder) / PROCESSOR_CONFIG
+        if not path.is_file():
+            return
+        config = read_json(path, "image processor config")
+        image_config_from_processor(config, self._own_image_config(), str(path), expected_size=self._image_size)
+        self._processor_config = dict(config)
+
+    def save_assets(self, directory: Path) -> None:
+        super().save_assets(directory)
+        if self._processor_config is not None:
+            atomic_write_json(Path(directory) / PROCESSOR_CONFIG, self._processor_config, indent=2)
+
+    def load_assets(self, directory: Path) -> None:
+        super().load_assets(directory)
+        self.read_processor_config(directory)
 
 
 def load_hf_model(model_cls: Any, name: str, like: nn.Module) -> Any:

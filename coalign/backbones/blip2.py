@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
-from ..io import atomic_write_json, read_json
 from ..registry import register_component
-from ..transforms import PROCESSOR_CONFIG, image_config_from_processor
 from ._hf import (
     CLIP_MEAN,
     CLIP_STD,
     FrozenModulesMixin,
     HFTokenizerMixin,
+    ProcessorConfigMixin,
     check_images,
     check_query_inputs,
     enable_gradient_checkpointing,
@@ -102,7 +100,7 @@ def _autocast_once(image: Tensor) -> Tensor:
 
 
 @register_component
-class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
+class Blip2Backbone(ProcessorConfigMixin, FrozenModulesMixin, HFTokenizerMixin, Backbone):
     """BLIP-2 (EVA ViT-g + Q-Former) as the paper's CoAlign backbone.
 
     With ``V(x)`` the ViT features of image x, ``Q`` the ``N_q`` learned query tokens (32), ``T`` the embedded
@@ -205,43 +203,14 @@ class Blip2Backbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
 
-    # the source checkpoint's preprocessor_config.json, once load_pretrained or load_assets has read one
-    _processor_config: dict[str, Any] | None = None
-
     def _own_image_config(self) -> ImageConfig:
+        """BlipImageProcessor's settings: straight to the tower's size (no crop), bicubic, OpenAI CLIP mean/std.
+
+        (``image_config`` adds a checkpoint's ``preprocessor_config.json``: :class:`ProcessorConfigMixin`.)
+        """
         return ImageConfig(
             size=self._image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD), resample="bicubic", resize_mode="square"
         )
-
-    @property
-    def image_config(self) -> ImageConfig:
-        """BlipImageProcessor's settings: straight to the tower's size (no crop), bicubic, OpenAI CLIP mean/std.
-
-        A ``preprocessor_config.json`` next to the pretrained weights (or saved in a checkpoint's assets)
-        overrides them.
-        """
-        own = self._own_image_config()
-        if self._processor_config is None:
-            return own
-        return ImageConfig(image_config_from_processor(self._processor_config, default=own))
-
-    def read_processor_config(self, folder: str | Path) -> None:
-        """Use the image settings of ``folder/preprocessor_config.json`` if it exists (a clear error if unusable)."""
-        path = Path(folder) / PROCESSOR_CONFIG
-        if not path.is_file():
-            return
-        config = read_json(path, "image processor config")
-        image_config_from_processor(config, self._own_image_config(), str(path), expected_size=self._image_size)
-        self._processor_config = dict(config)
-
-    def save_assets(self, directory: Path) -> None:
-        super().save_assets(directory)
-        if self._processor_config is not None:
-            atomic_write_json(Path(directory) / PROCESSOR_CONFIG, self._processor_config, indent=2)
-
-    def load_assets(self, directory: Path) -> None:
-        super().load_assets(directory)
-        self.read_processor_config(directory)
 
     # --- encoders -------------------------------------------------------------------------------------
     def image_stem_modules(self) -> list[str]:

@@ -10,7 +10,6 @@ tokenizer's ``max_length``:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,14 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._features import QueryFeatures, TargetFeatures
-from ..io import atomic_write_json, read_json
 from ..registry import register_component
-from ..transforms import PROCESSOR_CONFIG, image_config_from_processor
 from ._hf import (
     CLIP_MEAN,
     CLIP_STD,
     FrozenModulesMixin,
     HFTokenizerMixin,
+    ProcessorConfigMixin,
     check_images,
     check_query_inputs,
     enable_gradient_checkpointing,
@@ -82,7 +80,7 @@ CLIP_ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 @register_component
-class CLIPBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
+class CLIPBackbone(ProcessorConfigMixin, FrozenModulesMixin, HFTokenizerMixin, Backbone):
     """OpenAI CLIP image and text towers with a composer (CLIP4Cir-style).
 
     With ``f_I`` = ``visual_projection(post_layernorm(CLS))`` and ``f_T`` = ``text_projection(EOS state)``::
@@ -175,10 +173,11 @@ class CLIPBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
             towers = [(self.vision_model, freeze_image_encoder), (self.text_model, freeze_text_encoder)]
             enable_gradient_checkpointing([tower for tower, frozen in towers if not frozen])
 
-    # the source checkpoint's preprocessor_config.json, once load_pretrained or load_assets has read one
-    _processor_config: dict[str, Any] | None = None
-
     def _own_image_config(self) -> ImageConfig:
+        """CLIPImageProcessor's settings: shortest edge to the tower's size, bicubic, centre crop, OpenAI CLIP mean/std.
+
+        (``image_config`` adds a checkpoint's ``preprocessor_config.json``: :class:`ProcessorConfigMixin`.)
+        """
         return ImageConfig(
             size=self._image_size,
             mean=list(CLIP_MEAN),
@@ -186,36 +185,6 @@ class CLIPBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
             resample="bicubic",
             resize_mode="shortest_edge",
         )
-
-    @property
-    def image_config(self) -> ImageConfig:
-        """CLIPImageProcessor's settings: shortest edge to the tower's size, bicubic, centre crop, OpenAI CLIP mean/std.
-
-        A ``preprocessor_config.json`` next to the pretrained weights (or saved in a checkpoint's assets)
-        overrides them.
-        """
-        own = self._own_image_config()
-        if self._processor_config is None:
-            return own
-        return ImageConfig(image_config_from_processor(self._processor_config, default=own))
-
-    def read_processor_config(self, folder: str | Path) -> None:
-        """Use the image settings of ``folder/preprocessor_config.json`` if it exists (a clear error if unusable)."""
-        path = Path(folder) / PROCESSOR_CONFIG
-        if not path.is_file():
-            return
-        config = read_json(path, "image processor config")
-        image_config_from_processor(config, self._own_image_config(), str(path), expected_size=self._image_size)
-        self._processor_config = dict(config)
-
-    def save_assets(self, directory: Path) -> None:
-        super().save_assets(directory)
-        if self._processor_config is not None:
-            atomic_write_json(Path(directory) / PROCESSOR_CONFIG, self._processor_config, indent=2)
-
-    def load_assets(self, directory: Path) -> None:
-        super().load_assets(directory)
-        self.read_processor_config(directory)
 
     # --- encoders -------------------------------------------------------------------------------------
     def image_stem_modules(self) -> list[str]:
