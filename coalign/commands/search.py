@@ -1,6 +1,6 @@
 """``coalign index`` and ``coalign search``: search a folder of one's own images by reference image + text.
 
-Each command is a typed function (:func:`index`, :func:`search`) whose signature and docstring are its command
+Each command is a typed function (:func:`build_index`, :func:`search`) whose signature and docstring are its command
 line, parsed by :func:`coalign.command.run_command` (``--batch_size``, ``--progress false``, ``--config FILE``).
 :func:`index_command` and :func:`search_command` take the argument list and return the exit code;
 ``coalign.cli`` dispatches to them and the tests call them directly.
@@ -19,7 +19,7 @@ import coalign
 
 from ..command import run_command
 
-__all__ = ["index", "search", "index_command", "search_command"]
+__all__ = ["build_index", "search", "index_command", "search_command"]
 
 _INDEX_EPILOG = """\
 The index folder holds index.json (the model, the image folder, skipped files), paths.json and
@@ -56,7 +56,7 @@ def _load_model(spec: str, device: str | None, command: str):
     return model.eval()
 
 
-def index(
+def build_index(
     model: str,
     images: Path,
     output: Path,
@@ -157,7 +157,7 @@ def search(
 
 def index_command(argv: list[str]) -> int:
     """``coalign index --model M --images FOLDER --output INDEX_DIR``; returns the exit code."""
-    return run_command(index, argv, prog="coalign index", epilog=_INDEX_EPILOG)
+    return run_command(build_index, argv, prog="coalign index", epilog=_INDEX_EPILOG)
 
 
 def search_command(argv: list[str]) -> int:
