@@ -14,8 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._features import QueryFeatures, TargetFeatures
 from ..io import atomic_write_json, read_json
 from ..transforms import PROCESSOR_CONFIG, image_config_from_processor
 from .base import ImageConfig
@@ -69,6 +72,22 @@ def check_query_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any, i
             f"{where}: {pixel_values.shape[0]} reference images but {input_ids.shape[0]} texts; "
             "every reference image needs exactly one modification text"
         )
+
+
+def two_tower_query(composer: nn.Module, image: Tensor, patches: Tensor, text: Tensor, words: Tensor,
+                    attention_mask: Tensor) -> QueryFeatures:  # fmt: skip
+    """The query of a two-tower backbone (CLIP, timm): the composer fuses the normalised global image and text
+    features; the local tokens are the image patches followed by the words, with the text's padding masked."""
+    composed = composer(F.normalize(image, dim=-1), F.normalize(text, dim=-1))
+    tokens = F.normalize(torch.cat([patches, words], dim=1), dim=-1)
+    patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+    mask = torch.cat([patch_mask, attention_mask.to(device=patches.device, dtype=torch.bool)], dim=1)
+    return QueryFeatures(embedding=F.normalize(composed, dim=-1), tokens=tokens, token_mask=mask)
+
+
+def two_tower_target(image: Tensor, patches: Tensor) -> TargetFeatures:
+    """The target of a two-tower backbone: the normalised global image feature and the normalised patches."""
+    return TargetFeatures(embedding=F.normalize(image, dim=-1).unsqueeze(1), tokens=F.normalize(patches, dim=-1))
 
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:

@@ -29,6 +29,8 @@ from ._hf import (
     enable_gradient_checkpointing,
     load_hf_model,
     load_weights,
+    two_tower_query,
+    two_tower_target,
 )
 from .base import Backbone, ImageConfig
 from .composers import Combiner, Composer
@@ -210,11 +212,7 @@ class CLIPBackbone(ProcessorConfigMixin, FrozenModulesMixin, HFTokenizerMixin, B
             raise ValueError(f"CLIPBackbone: {stem.shape[0]} reference images but {input_ids.shape[0]} texts")
         image, patches = stem[:, 0], stem[:, 1:]
         text, words = self._encode_text(input_ids, attention_mask)
-        composed = self.composer(F.normalize(image, dim=-1), F.normalize(text, dim=-1))
-        tokens = F.normalize(torch.cat([patches, words], dim=1), dim=-1)
-        patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        mask = torch.cat([patch_mask, attention_mask.to(device=patches.device, dtype=torch.bool)], dim=1)
-        return QueryFeatures(embedding=F.normalize(composed, dim=-1), tokens=tokens, token_mask=mask)
+        return two_tower_query(self.composer, image, patches, text, words, attention_mask)
 
     def encode_target(self, pixel_values: Tensor) -> TargetFeatures:
         check_images(pixel_values, self._image_size, "CLIPBackbone.encode_target")
@@ -222,7 +220,7 @@ class CLIPBackbone(ProcessorConfigMixin, FrozenModulesMixin, HFTokenizerMixin, B
 
     def encode_target_from_stem(self, stem: Tensor) -> TargetFeatures:
         image, patches = stem[:, 0], stem[:, 1:]
-        return TargetFeatures(embedding=F.normalize(image, dim=-1).unsqueeze(1), tokens=F.normalize(patches, dim=-1))
+        return two_tower_target(image, patches)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Normalised CLIP text embeddings ``[B, E]`` (text-only baselines, zero-shot text-to-image search)."""

@@ -13,13 +13,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._features import QueryFeatures, TargetFeatures
 from ..registry import register_component
-from ._hf import FrozenModulesMixin, HFTokenizerMixin, check_images, check_query_inputs, load_hf_model, load_weights
+from ._hf import (
+    FrozenModulesMixin,
+    HFTokenizerMixin,
+    check_images,
+    check_query_inputs,
+    load_hf_model,
+    load_weights,
+    two_tower_query,
+    two_tower_target,
+)
 from .base import Backbone, ImageConfig
 from .composers import Combiner, Composer
 
@@ -224,11 +231,7 @@ class TimmBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
             raise ValueError(f"TimmBackbone: {stem.shape[0]} reference images but {input_ids.shape[0]} texts")
         image, patches = self._image_features(stem)
         text, words = self._encode_text(input_ids, attention_mask)
-        composed = self.composer(F.normalize(image, dim=-1), F.normalize(text, dim=-1))
-        tokens = F.normalize(torch.cat([patches, words], dim=1), dim=-1)
-        patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        mask = torch.cat([patch_mask, attention_mask.to(device=patches.device, dtype=torch.bool)], dim=1)
-        return QueryFeatures(embedding=F.normalize(composed, dim=-1), tokens=tokens, token_mask=mask)
+        return two_tower_query(self.composer, image, patches, text, words, attention_mask)
 
     def encode_target(self, pixel_values: Tensor) -> TargetFeatures:
         check_images(pixel_values, self._image_size, "TimmBackbone.encode_target")
@@ -236,7 +239,7 @@ class TimmBackbone(FrozenModulesMixin, HFTokenizerMixin, Backbone):
 
     def encode_target_from_stem(self, stem: Tensor) -> TargetFeatures:
         image, patches = self._image_features(stem)
-        return TargetFeatures(embedding=F.normalize(image, dim=-1).unsqueeze(1), tokens=F.normalize(patches, dim=-1))
+        return two_tower_target(image, patches)
 
     # --- weights --------------------------------------------------------------------------------------
     def load_pretrained(self) -> None:
