@@ -31,6 +31,25 @@ __all__ = ["CoAlign"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
+def with_reference_negatives(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with each distinct reference image appended to its ``negative`` images (``negative_id`` its
+    ``reference_id``); a shallow copy, the input is unchanged. A reference without an id counts as distinct."""
+    given = batch.get("reference_id") or [""] * len(batch["reference"])
+    ids = [str(r) or f"#reference-{i}" for i, r in enumerate(given)]
+    first: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        first.setdefault(image_id, i)
+    rows = list(first.values())
+    references = batch["reference"][rows]
+    out = dict(batch)
+    if "negative" in batch:
+        out["negative"] = torch.cat([batch["negative"], references])
+        out["negative_id"] = [*batch.get("negative_id", [""] * len(batch["negative"])), *first]
+    else:
+        out["negative"], out["negative_id"] = references, list(first)
+    return out
+
+
 class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, library_name="coalign", tags=["cir"]):
     """Composed image retrieval with hybrid contextual alignment.
 
@@ -63,6 +82,14 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         autocast: ``"bf16"`` runs the forward passes (training and the encode methods) under
             ``torch.autocast`` in bfloat16 on the model's device, as Lightning's ``precision="bf16-mixed"`` does,
             for plain PyTorch loops too; the encode methods still return float32 features. None: no autocast.
+        reference_negatives: in training, every query's own reference image is also a negative for the whole
+            batch (encoded as a target; one per distinct reference image, dropped where it is some query's
+            target). The reference is the hardest negative a CIR model meets: the gallery's nearest image to
+            a query is usually its reference, and a recolour or a small move changes few pixels. In-batch
+            negatives from other groups never ask the image encoder to see such a change; this does, at the
+            cost of one more image forward per distinct reference. On the Shapes zero-shot experiment it
+            turns colour-blind image embeddings (recolour targets 0.96 cosine from their references) into
+            ones that see the colour (PERFORMANCE.md, "Zero-shot"). False: no extra negatives.
 
     Raises:
         ValueError: ``rerank_top_k < 0``, an unknown ``autocast``, or ``feature_cache`` with a backbone whose image
@@ -83,6 +110,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         init_from: str | None = None,
         feature_cache: str | None = None,
         autocast: str | None = None,
+        reference_negatives: bool = False,
     ):
         super().__init__()
         self.backbone: Backbone = build_component(backbone, Backbone)
@@ -101,6 +129,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
                 "(freeze_image_encoder=True) or train without feature_cache"
             )
         self.autocast = autocast
+        self.reference_negatives = bool(reference_negatives)
         self.feature_cache = None if feature_cache is None else str(feature_cache)
         self._stem_cache: FeatureCache | None = None
         self.local_loss_weight = local_loss_weight
@@ -135,6 +164,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             "optimizer": optimizer_spec(self.optimizer_factory),
             "lr_scheduler": optimizer_spec(self.lr_scheduler_factory),
             "autocast": self.autocast,
+            "reference_negatives": self.reference_negatives,
         }
 
     @property
@@ -243,6 +273,8 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
     def _batch_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if "target" not in batch:
             raise ValueError("a training batch needs 'target' images (this split has no labels)")
+        if self.reference_negatives:
+            batch = with_reference_negatives(batch)
         # a hard negative that is some query's own target image would contradict its positive: drop it
         keep: list[int] = []
         if "negative" in batch:

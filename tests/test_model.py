@@ -308,3 +308,35 @@ def test_bf16_autocast_switch(tmp_path):
 def _saved(model, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     return tmp_path / "saved"
+
+
+def test_reference_negatives_are_the_distinct_references_not_already_targets(tmp_path):
+    """``reference_negatives`` gives the same loss as passing the distinct references, minus those that are some
+    query's target, as explicit hard negatives; the option is saved with the model."""
+    from coalign.model import with_reference_negatives
+
+    images, texts = _inputs(_model(tmp_path, "TinyBackbone"), n=3)
+    # queries 0 and 1 share reference "s"; query 2's reference "e1" is query 0's target (an in-batch column)
+    batch = {
+        "reference": torch.stack([images[0], images[0], images[1]]),
+        "reference_id": ["s", "s", "e1"],
+        "text": texts,
+        "target": torch.stack([images[1], images[2], images[0]]),
+        "target_id": ["e1", "e2", "s2"],
+        "group": torch.tensor([0, 0, 0]),
+    }
+    grown = with_reference_negatives(batch)
+    assert grown["negative_id"] == ["s", "e1"] and torch.equal(grown["negative"], images[:2])
+    assert "negative" not in batch  # the input batch is left alone
+    torch.manual_seed(0)
+    plain = _model(tmp_path, "TinyBackbone")
+    with_option = CoAlign(plain.backbone, plain.global_head, plain.local_head, reference_negatives=True).eval()
+    explicit = dict(batch, negative=images[:1], negative_id=["s"])  # "e1" is a target: dropped either way
+    assert with_option._losses(batch)["loss"].item() == pytest.approx(plain._losses(explicit)["loss"].item())
+    assert plain._losses(batch)["loss"].item() < with_option._losses(batch)["loss"].item()
+    # existing negatives are kept, the references come after them
+    both = with_reference_negatives(dict(batch, negative=images[2:], negative_id=["x"]))
+    assert both["negative_id"] == ["x", "s", "e1"]
+    with_option.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["reference_negatives"] is True
+    assert coalign.load_model(str(tmp_path / "m")).reference_negatives is True
