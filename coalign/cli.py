@@ -91,6 +91,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "synthesize": ("run the CIRHS synthesis pipeline", "coalign.synthesis.cli:synthesize_command"),
     "index": ("encode a folder of images for search", "coalign.commands.search:index_command"),
     "search": ("search an index by image + text", "coalign.commands.search:search_command"),
+    "demo": ("try a model in the browser over an index", "coalign.commands.demo:demo_command"),
 }
 
 #: third-party messages that say nothing about the user's run (matched precisely, never a whole category)
@@ -327,6 +328,7 @@ examples:
   coalign evaluate --model runs/quickstart/model --data CIRRDataModule --data.root data/CIRR --output_dir out/
   coalign index --model runs/quickstart/model --images ~/photos --output ~/photos.index
   coalign search --index ~/photos.index --image ~/photos/beach.jpg --text "at sunset"
+  coalign demo --index ~/photos.index              the same in the browser (http://127.0.0.1:7860)
 
 run `coalign SUBCOMMAND --help` for the options of one; add --debug to see a traceback"""
     )

@@ -3,8 +3,9 @@
 
 Ranks the 600 test queries against the 1,373-image gallery with a trained model (a ``save_pretrained`` folder) and
 groups them by the benchmark template that wrote their text (add, remove, recolor, resize, move; "make the X Y" is
-shared by colour changes and resizes and is counted as recolor). For each group: queries, R@1 and how often the
-reference image itself comes first (the model read the text as "no change").
+shared by colour changes and resizes and is counted as recolor). For each group: queries, R@1, how often the
+reference image itself comes first (the model read the text as "no change"), and the mean cosine of the reference's
+and the target's image embeddings (near 1: the image encoder barely sees that edit, so no text can separate them).
 
 Usage::
 
@@ -51,19 +52,26 @@ def main() -> None:
     position = {image_id: i for i, image_id in enumerate(gallery.ids)}
     records = data.build_split("test")[0]
     dataset = data._triplets("test")
-    hits, reference_first = defaultdict(list), defaultdict(list)
+    hits, reference_first, closeness = defaultdict(list), defaultdict(list), defaultdict(list)
     for start in range(0, len(dataset), 100):
         items = [dataset[i] for i in range(start, min(len(dataset), start + 100))]
         queries = model.encode_queries(torch.stack([it["reference"] for it in items]), [it["text"] for it in items])
         best = model.similarity(queries, gallery.features).argmax(dim=1).tolist()
-        for record, top in zip(records[start : start + 100], best):
+        reference = model.encode_targets(torch.stack([it["reference"] for it in items])).embedding
+        target = model.encode_targets(torch.stack([it["target"] for it in items])).embedding
+        cosines = (reference * target).sum(-1).amax(-1).tolist()  # single-vector targets: K = 1
+        for record, top, cosine in zip(records[start : start + 100], best, cosines):
             kind = edit_kind(record["text"])
+            closeness[kind].append(cosine)
             hits[kind].append(top == position[record["target_id"]])
             reference_first[kind].append(top == position[record["reference_id"]])
-    print(f"{'edit':<8} {'queries':>7} {'R@1':>6} {'reference first':>16}")
+    print(f"{'edit':<8} {'queries':>7} {'R@1':>6} {'reference first':>16} {'cos(reference, target)':>23}")
     for kind in sorted(hits, key=lambda k: -sum(hits[k]) / len(hits[k])):
         n = len(hits[kind])
-        print(f"{kind:<8} {n:>7} {100 * sum(hits[kind]) / n:>6.1f} {100 * sum(reference_first[kind]) / n:>15.1f}%")
+        print(
+            f"{kind:<8} {n:>7} {100 * sum(hits[kind]) / n:>6.1f} {100 * sum(reference_first[kind]) / n:>15.1f}% "
+            f"{sum(closeness[kind]) / n:>23.3f}"
+        )
 
 
 if __name__ == "__main__":

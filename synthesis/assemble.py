@@ -5,6 +5,10 @@ The dataset folder is ``OUT`` itself (the stage folders beside it are never uplo
 * ``triplets.jsonl``: one object per triplet (format below), group by group in id order.
 * ``images/<shard>/<id>_p<k>.png``: the kept panels only (the source and the kept edits), hard-linked from
   ``render/images`` (no extra disk; copied when the file system refuses links). Panels no longer kept are removed.
+* ``data/<split>-<k>-of-<n>.parquet``: the same dataset in the Hub's format, one row per group with its kept
+  panels embedded (:mod:`.hub_format`), what ``datasets.load_dataset(OUT)`` and the Hub's viewer read and what
+  :func:`push_to_hub` uploads. Needs ``datasets`` (``pip install "coalign[hub]"``); without it the shards are
+  skipped with a warning and the loose files above remain.
 * ``stats.json`` and ``README.md`` (the dataset card), ``preview.png`` (groups: panels, captions, filter scores).
 
 **Reorganisation** (:func:`group_triplets`). Panel 0 is the source, panel ``k`` is edit ``k - 1``. For every kept
@@ -26,6 +30,8 @@ more).
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -39,13 +45,17 @@ from .card import dataset_stats, draw_preview, write_card
 from .config import SynthesisConfig
 from .filter import PairFilter, decide, load_scores
 from .groups import group_captions
+from .hub_format import HubRow, group_row, write_parquet_shards
 from .prompts import load_groups
 from .render import load_renders
 
 __all__ = ["assemble", "group_triplets", "push_to_hub", "DATASET_FILES"]
 
-#: What ``push_to_hub`` uploads from ``OUT``: the dataset, never the intermediate stage folders.
-DATASET_FILES = ["triplets.jsonl", "README.md", "stats.json", "preview.png", "images/**"]
+#: What ``push_to_hub`` uploads from ``OUT``: the parquet shards and the card, never the loose ``images/`` and
+#: ``triplets.jsonl`` (the same data, for local training) nor the intermediate stage folders.
+DATASET_FILES = ["data/*.parquet", "README.md", "stats.json", "preview.png"]
+
+log = logging.getLogger("coalign.synthesis")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -126,25 +136,39 @@ def assemble(config: SynthesisConfig, out: Path, filters: Sequence[PairFilter]) 
                 kept[g["index"]] = positions
     val = _split(config, sorted(kept))
     triplets, expected = [], set()
+    rows: dict[str, list[HubRow]] = {"train": [], "val": []}
     for g in groups:
         if g["index"] not in kept:
             continue
-        paths = []
+        paths, panels = [], []
         for panel, src in enumerate(renders[g["index"]]["panels"]):
             dst = item_path(out / "images", g["index"], config.shard_size, f"_p{panel}.png")
             if panel == 0 or panel - 1 in kept[g["index"]]:
                 if config.assemble.link_images:
                     _link_or_copy(out / src, dst)
                 expected.add(dst)
+                panels.append(panel)
             paths.append(str(dst.relative_to(out)) if config.assemble.link_images else src)
         split = "val" if g["index"] in val else "train"
-        triplets.extend(group_triplets(g, kept[g["index"]], paths, split))
+        group = group_triplets(g, kept[g["index"]], paths, split)
+        triplets.extend(group)
+        files = [out / renders[g["index"]]["panels"][p] for p in panels]
+        rows[split].append(group_row(g, panels, files, [paths[p] for p in panels], group))
     if (out / "images").is_dir():  # panels a changed threshold no longer keeps must leave the dataset too
         for stale in [p for p in (out / "images").glob("*/*.png") if p not in expected]:
             stale.unlink()
     write_jsonl(out / "triplets.jsonl", triplets)
+    shards = None
+    if importlib.util.find_spec("datasets") is not None:
+        shards = write_parquet_shards(out, rows, config.assemble.parquet_shard_mb)
+    else:
+        log.warning(
+            "assemble: `datasets` is not installed, so %s/data/*.parquet (the Hub's format) was not written; "
+            'pip install "coalign[hub]" and rerun with --stage assemble',
+            out,
+        )
     stats = dataset_stats(config, out, groups, renders, kept, triplets)
-    write_card(out, config, stats)
+    write_card(out, config, stats, shards)
     rows = _preview_rows(groups, renders, decisions, scores, config.assemble.preview_groups, config.seed)
     draw_preview(out, rows)
     return stats
@@ -212,8 +236,10 @@ def push_to_hub(
 ) -> str:
     """Upload the dataset in ``folder`` (written by :func:`assemble`) to a Hugging Face dataset repository.
 
-    Only :data:`DATASET_FILES` are uploaded. For hundreds of thousands of images, prefer
-    ``huggingface-cli upload-large-folder`` with the same patterns: it resumes an interrupted upload.
+    Only :data:`DATASET_FILES` are uploaded: the parquet shards of ``data/`` (the card's ``configs:`` names
+    them, so ``datasets.load_dataset(repo_id)`` and the dataset viewer read them), ``README.md``, ``stats.json``
+    and ``preview.png``. For hundreds of gigabytes, prefer ``hf upload-large-folder`` with the same patterns: it
+    resumes an interrupted upload.
 
     Returns:
         The URL of the commit.
@@ -223,6 +249,11 @@ def push_to_hub(
     folder = Path(folder)
     if not (folder / "triplets.jsonl").is_file():
         raise FileNotFoundError(f"{folder} has no triplets.jsonl: run the assemble stage before pushing")
+    if not any((folder / "data").glob("*.parquet")):
+        raise FileNotFoundError(
+            f'{folder}/data has no parquet shards, the format pushed to the Hub: pip install "coalign[hub]" '
+            "and rerun with --stage assemble before pushing"
+        )
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     info = api.upload_folder(

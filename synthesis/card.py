@@ -1,4 +1,9 @@
-"""The dataset card (``README.md`` + ``stats.json``) and the preview grid (``preview.png``) of an assembled set."""
+"""The dataset card (``README.md`` + ``stats.json``) and the preview grid (``preview.png``) of an assembled set.
+
+The card is a ``huggingface_hub.DatasetCard``: its YAML carries ``configs:`` (the ``default`` config's parquet
+files per split, which ``datasets.load_dataset`` and the Hub's dataset viewer follow), ``dataset_info`` (the
+row features and the rows, i.e. groups, per split), ``size_categories``, ``task_categories``, tags and license.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image, ImageDraw
 
 from coalign import viz
@@ -17,8 +23,9 @@ from coalign.io import atomic_save_image, atomic_write_json, atomic_write_text, 
 from ._io import list_failures
 from .config import ModelSpec, SynthesisConfig
 from .groups import group_captions
+from .hub_format import hub_features
 
-__all__ = ["dataset_stats", "write_card", "draw_preview"]
+__all__ = ["dataset_stats", "card_data", "write_card", "draw_preview"]
 
 
 def _lengths(texts: Sequence[str]) -> dict[str, float]:
@@ -61,6 +68,8 @@ def dataset_stats(config: SynthesisConfig, out: Path, groups, renders, kept, tri
             "triplets": len(triplets),
             "triplets_train": splits.get("train", 0),
             "triplets_val": splits.get("val", 0),
+            "groups_train": len({t["group"] for t in triplets if t["split"] == "train"}),
+            "groups_val": len({t["group"] for t in triplets if t["split"] == "val"}),
             "triplets_by_direction": dict(sorted(directions.items())),
         },
         "pass_rates": {
@@ -104,23 +113,54 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def write_card(out: Path, config: SynthesisConfig, stats: dict[str, Any]) -> None:
-    """A Hugging Face dataset card: YAML metadata, how the data was made, statistics and the format."""
+def card_data(
+    out: Path, config: SynthesisConfig, stats: dict[str, Any], shards: dict[str, list[str]] | None
+) -> DatasetCardData:
+    """The card's YAML metadata. ``shards``: the parquet files per split (:func:`.hub_format.write_parquet_shards`,
+    relative to ``out``); None when they were not written (no ``configs:`` nor ``dataset_info`` then: there is
+    nothing to point at). A split's ``num_examples`` counts rows (groups), its ``num_bytes`` its shards' bytes."""
+    c = stats["counts"]
+    extra: dict[str, Any] = {}
+    if shards is not None:
+        splits = [split for split, files in shards.items() if files]
+        extra["configs"] = [
+            {
+                "config_name": "default",
+                "data_files": [{"split": split, "path": f"data/{split}-*.parquet"} for split in splits],
+            }
+        ]
+        extra["dataset_info"] = {
+            "features": hub_features()._to_yaml_list(),
+            "splits": [
+                {
+                    "name": split,
+                    "num_bytes": sum((out / name).stat().st_size for name in shards[split]),
+                    "num_examples": c[f"groups_{split}"],
+                }
+                for split in splits
+            ],
+        }
+        extra["dataset_info"]["download_size"] = sum(s["num_bytes"] for s in extra["dataset_info"]["splits"])
+        extra["dataset_info"]["dataset_size"] = extra["dataset_info"]["download_size"]
+    return DatasetCardData(
+        pretty_name=config.assemble.pretty_name,
+        license="other",
+        size_categories=[_size_category(c["triplets"])],
+        task_categories=["image-to-image"],
+        tags=["composed-image-retrieval", "synthetic", "coalign"],
+        **extra,
+    )
+
+
+def write_card(
+    out: Path, config: SynthesisConfig, stats: dict[str, Any], shards: dict[str, list[str]] | None = None
+) -> None:
+    """A Hugging Face dataset card: YAML metadata (:func:`card_data`), how the data was made, statistics, the
+    format and how to load it. ``shards``: the parquet files per split, named in the card."""
     c, m, t = stats["counts"], stats["models"], stats["text_words"]
     rates = "\n".join(f"| {k} | {v:.1%} |" if v is not None else f"| {k} | - |" for k, v in stats["pass_rates"].items())
-    card = f"""---
-pretty_name: {config.assemble.pretty_name}
-license: other
-size_categories:
-- {_size_category(c["triplets"])}
-task_categories:
-- image-to-image
-tags:
-- composed-image-retrieval
-- synthetic
-- coalign
----
-
+    files = "\n".join(f"- `{name}`" for names in (shards or {}).values() for name in names) or "- (not written)"
+    body = f"""
 # {config.assemble.pretty_name}
 
 Synthetic composed-image-retrieval triplets (reference image + modification text -> target image), made with
@@ -142,6 +182,7 @@ and each group is reorganised into triplets (source <-> edit, edit -> edit) that
 |---|---|
 | groups requested / valid | {c["groups_requested"]} / {c["groups_valid"]} |
 | groups kept / dropped by the filters | {c["groups_kept"]} / {c["groups_dropped"]} |
+| groups (train / val) | {c["groups_train"]} / {c["groups_val"]} |
 | edits kept / rejected | {c["members_kept"]} / {c["members_rejected"]} |
 | near-duplicates removed | {c["near_duplicates_removed"]} |
 | triplets (train / val) | {c["triplets"]} ({c["triplets_train"]} / {c["triplets_val"]}) |
@@ -156,15 +197,32 @@ Full statistics: `stats.json`. Sample groups (panels, captions, filter decisions
 
 ## Format
 
-`triplets.jsonl`, one JSON object per line: `reference` and `target` (image paths relative to this folder),
-`reference_id` and `target_id` (image ids), `text` (modification text), `group` (int: the triplets of one
-group share it), `split` (`train`/`val`), `direction` (`forward` source -> edit, `backward` edit -> source,
-`cross` edit -> edit), `reference_caption`, `target_caption`, `domain`, `edit_type`, `id`.
+Parquet shards, **one row per group** (the group's images are stored once, and a streamed row is
+self-contained); splits `train` and `val` (by group: a group is never split):
+
+{files}
+
+Columns: `group` (int: every triplet of the group shares it), `id` (group id), `domain`, `edit_type`, `panels`
+(the kept panels as images, the source first), `panel_ids` (their image ids), `captions` (one per panel),
+`triplets` (list of `id`, `reference` and `target` (positions in `panels`), `text` (modification text),
+`direction`: `forward` source -> edit, `backward` edit -> source, `cross` edit -> edit).
 
 ```python
-from coalign.datamodules import CIRHSDataModule
-dm = CIRHSDataModule(root="path/to/this/folder", batch_size=64, group_size=4)
+from datasets import load_dataset
+groups = load_dataset("path/or/hub-id", split="train")          # panels decode to PIL images
+row = groups[0]
+for t in row["triplets"]:
+    reference, target, text = row["panels"][t["reference"]], row["panels"][t["target"]], t["text"]
+
+from coalign.datamodules import CIRHSDataModule                  # batches of triplets, chunks of one group together
+dm = CIRHSDataModule(root="path/or/hub-id", batch_size=64, group_size=4)                  # memory-mapped
+dm = CIRHSDataModule(root="path/or/hub-id", batch_size=64, group_size=4, streaming=True)  # larger than the disk
 ```
+
+The folder written by `coalign synthesize` also holds the same triplets as `triplets.jsonl` (one JSON object per
+triplet: `reference` and `target` image paths, `reference_id` and `target_id`, `text`, `group`, `split`,
+`direction`, `reference_caption`, `target_caption`, `domain`, `edit_type`, `id`) and the panels under `images/`,
+for local training; they are not uploaded.
 
 ## License
 
@@ -191,7 +249,8 @@ LLM (`{m["llm"]}`); check both before any use.
 ```
 </details>
 """
-    atomic_write_text(out / "README.md", card)
+    card = DatasetCard(f"---\n{card_data(out, config, stats, shards).to_yaml()}\n---\n{body}")
+    atomic_write_text(out / "README.md", str(card))
 
 
 #: Short names of the stored filter scores (``OUT/filter/scores``), in the order they are drawn.

@@ -332,12 +332,16 @@ class AssembleConfig:
         preview_groups: groups drawn in ``preview.png`` (one row of panels each).
         pretty_name: dataset name in the card.
         link_images: hard-link the kept images into ``OUT/images`` (falls back to copying across file systems).
+        parquet_shard_mb: most megabytes of images and texts per parquet shard of ``OUT/data`` (the Hub's
+            format, one row per group; needs ``pip install "coalign[hub]"``, else the shards are skipped with a
+            warning).
     """
 
     val_fraction: float = 0.01
     preview_groups: int = 8
     pretty_name: str = "CIRHS-style synthetic CIR triplets"
     link_images: bool = True
+    parquet_shard_mb: float = 256.0
 
 
 @dataclass

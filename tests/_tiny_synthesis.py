@@ -44,10 +44,13 @@ def run_tiny(out: Path, config: SynthesisConfig | None = None, stages=None, **kw
 
 
 def dataset_fingerprint(out: Path) -> dict[str, str]:
-    """``triplets.jsonl`` and the bytes of every image it references: equal fingerprints, equal datasets."""
+    """``triplets.jsonl``, the bytes of every image it references and of every parquet shard (the Hub's format):
+    equal fingerprints, equal datasets."""
     out = Path(out)
     fp = {"triplets.jsonl": (out / "triplets.jsonl").read_text()}
-    for path in sorted((out / "images").glob("*/*.png")):
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert shards, f"{out} has no parquet shards"
+    for path in [*sorted((out / "images").glob("*/*.png")), *shards]:
         fp[str(path.relative_to(out))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return fp
 
