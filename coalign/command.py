@@ -208,8 +208,12 @@ def run_command(
     description: str | None = None,
     epilog: str | None = None,
     positional: Sequence[str] = (),
+    adjust: Callable[[Any], None] | None = None,
 ) -> int:
-    """Parse ``argv`` for ``fn``, call it, and return its exit code (2 on a user error, printed as one line)."""
+    """Parse ``argv`` for ``fn``, call it, and return its exit code (2 on a user error, printed as one line).
+
+    ``adjust(config)``, when given, may change the parsed namespace before the arguments are built (a ValueError
+    it raises is a user error like any other)."""
     argv = list(argv)
     debug = debug_requested(argv)
     parser = build_parser(fn, prog, description, epilog, positional)
@@ -218,6 +222,8 @@ def run_command(
             config = parser.parse_args(resolve_config_args(argv))
         except SystemExit as exit_:  # --help, --print_config or a usage error jsonargparse already printed
             return int(exit_.code or 0)
+        if adjust is not None:
+            adjust(config)
         init = parser.instantiate_classes(config)
         kwargs = {name: init[name] for name in inspect.signature(fn).parameters if name in init}
         code[0] = int(fn(**kwargs) or 0)

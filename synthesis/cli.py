@@ -4,7 +4,9 @@ The command is :func:`synthesize`, parsed by :func:`coalign.command.run_command`
 fields of :class:`~.config.SynthesisConfig` (``seed``, ``shard_size``, ``prompts``, ``render``, ``filter``,
 ``assemble``) are its parameters, so a synthesis YAML such as ``configs/synthesis/cirhs.yaml`` *is* the
 command's ``--config``, and every field can be overridden on the command line (``--render.image_size 768``).
-``--help`` lists them with their documentation, ``--print_config`` prints the resolved options.
+``--help`` lists them with their documentation, ``--print_config`` prints the resolved options. A backend's
+constructor argument is set like a model component's, ``--render.backend.init_args.stroke_rate 0``
+(:func:`split_backend_overrides`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from jsonargparse import ArgumentParser
 
 # the package, whose names load on first use: parsing (and --help) needs only the config dataclasses, the
@@ -25,7 +31,14 @@ from coalign.command import run_command
 
 from .config import AssembleConfig, FilterConfig, PromptsConfig, RenderConfig, SynthesisConfig
 
-__all__ = ["synthesize", "synthesize_command", "build_parser", "load_config"]
+__all__ = [
+    "synthesize",
+    "synthesize_command",
+    "build_parser",
+    "load_config",
+    "split_backend_overrides",
+    "merge_backend_overrides",
+]
 
 PROG = "coalign synthesize"
 
@@ -44,6 +57,7 @@ examples:
   coalign synthesize --config synthesis/cirhs --output data/cirhs --devices 8
   coalign synthesize --config synthesis/cirhs --output data/cirhs --stage render --devices 8
   coalign synthesize --config synthesis/tiny --output /tmp/tiny --prompts.num_groups 4
+  coalign synthesize --config synthesis/shapes --output /tmp/s --render.backend.init_args.error_rate 0.5
   coalign synthesize --config synthesis/cirhs --output data/cirhs --stage assemble --push_to_hub me/cirhs
 
 --config takes a YAML file or the name of a shipped one (synthesis/tiny, synthesis/shapes, synthesis/cirhs).
@@ -115,13 +129,71 @@ def build_parser() -> ArgumentParser:
     return command_parser(synthesize, PROG, description=_DESCRIPTION, epilog=_EPILOG)
 
 
+_BACKEND_ARG = re.compile(r"^--((?:\w+\.)+)backend\.init_args\.(\w+)(?:=(.*))?$", re.DOTALL)
+
+
+def split_backend_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str, object]]]:
+    """``argv`` without its ``--<stage>.backend.init_args.<name> VALUE`` arguments, and those as ``(stage, name,
+    value)`` (values read as YAML: ``0``, ``0.5``, ``true``, ``[1, 2]``).
+
+    A stage's ``backend`` is a ``{class_path, init_args}`` mapping that the parser takes whole (a nested key would
+    land beside ``class_path``), so these are set after parsing, by :func:`merge_backend_overrides`.
+    """
+    argv, rest, changes = list(argv), [], []
+    i = 0
+    while i < len(argv):
+        match = _BACKEND_ARG.match(argv[i])
+        if match is None:
+            rest.append(argv[i])
+            i += 1
+            continue
+        if match.group(3) is None and i + 1 >= len(argv):
+            raise ValueError(f"{argv[i]} needs a value")
+        value = match.group(3) if match.group(3) is not None else argv[i + 1]
+        changes.append((match.group(1)[:-1], match.group(2), yaml.safe_load(value)))
+        i += 1 if match.group(3) is not None else 2
+    return rest, changes
+
+
+def merge_backend_overrides(config, changes: Sequence[tuple[str, str, object]]) -> None:
+    """Set each ``(stage, name, value)`` in the ``init_args`` of the stage's backend in the parsed ``config``.
+
+    Raises:
+        ValueError: the stage has no backend (null, or a ``model:`` stage) to set an argument of.
+    """
+    for stage, name, value in changes:
+        spec = config.get(f"{stage}.backend")
+        if not isinstance(spec, dict):
+            raise ValueError(
+                f"--{stage}.backend.init_args.{name}: {stage} has no backend ({spec!r}) to set an argument of; "
+                f"name one in the config (backend: {{class_path: ..., init_args: {{...}}}})"
+            )
+        config[f"{stage}.backend"] = {**spec, "init_args": {**(spec.get("init_args") or {}), name: value}}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthesisConfig:
-    """The config of a YAML file, with command-line style overrides such as ``["--seed", "3"]``."""
+    """The config of a YAML file, with command-line style overrides such as ``["--seed", "3"]`` or
+    ``["--render.backend.init_args.tint", "0"]``."""
     parser = build_parser()
-    init = parser.instantiate_classes(parser.parse_args(["--config", str(path), "--output", "-", *(overrides or [])]))
+    argv, changes = split_backend_overrides(["--config", str(path), "--output", "-", *(overrides or [])])
+    config = parser.parse_args(argv)
+    merge_backend_overrides(config, changes)
+    init = parser.instantiate_classes(config)
     return SynthesisConfig(**{f.name: init[f.name] for f in dataclasses.fields(SynthesisConfig)})
 
 
 def synthesize_command(argv: list[str]) -> int:
     """Entry point of ``coalign synthesize``; returns the exit status (1 when some items failed and need a rerun)."""
-    return run_command(synthesize, argv, PROG, description=_DESCRIPTION, epilog=_EPILOG)
+    try:
+        argv, changes = split_backend_overrides(argv)
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return run_command(
+        synthesize,
+        argv,
+        PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        adjust=lambda config: merge_backend_overrides(config, changes),
+    )

@@ -183,3 +183,25 @@ def test_group_triplets_of_a_four_panel_group_with_a_rejected_edit_and_a_cross_t
         t(1, 3, "blue to white", "cross", ("a blue ball", "a white ball")),
     ]
     assert grid_shape(len(paths)) == (2, 2)
+
+
+def test_a_backend_argument_is_set_from_the_command_line(capsys):
+    """``--render.backend.init_args.X V`` changes one constructor argument and keeps the others (the parser alone
+    would put X beside class_path); a stage without a backend says so in one line."""
+    from coalign.synthesis.cli import load_config, synthesize_command
+
+    base = load_config("configs/synthesis/shapes.yaml").render.backend
+    config = load_config(
+        "configs/synthesis/shapes.yaml",
+        ["--render.backend.init_args.stroke_rate", "0", "--render.backend.init_args.tint=4", "--seed", "3"],
+    )
+    assert config.render.backend == {**base, "init_args": {**base["init_args"], "stroke_rate": 0, "tint": 4}}
+    assert config.seed == 3
+    clip = load_config("configs/synthesis/shapes.yaml", ["--filter.clip.backend.init_args.batch", "[1, 2]"])
+    assert clip.filter.clip.backend["init_args"] == {"batch": [1, 2]}
+    with pytest.raises(ValueError, match="render has no backend"):
+        load_config("configs/synthesis/tiny.yaml", ["--render.backend.init_args.tint", "0"])
+    code = synthesize_command(
+        ["--config", "synthesis/tiny", "--output", "/nonexistent/x", "--render.backend.init_args.tint", "0"]
+    )
+    assert code == 2 and capsys.readouterr().err.strip().endswith("{class_path: ..., init_args: {...}})")
