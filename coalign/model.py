@@ -20,7 +20,7 @@ from .backbones.base import Backbone
 from .evaluation.engine import EvaluationOutcome, EvaluationTask, Gallery, encode_gallery, evaluation_step
 from .evaluation.pictures import collect_examples
 from .feature_cache import FeatureCache, weights_fingerprint
-from .heads.base import GlobalHead, LocalHead
+from .heads.base import GlobalHead, LocalHead, soft_cross_entropy, soft_positive_targets
 from .heads.global_alignment import ContextualAlignmentHead
 from .registry import build_component
 from .transforms import ImageTransform
@@ -89,6 +89,12 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             negatives from other groups never ask the image encoder to see such a change; this does, at the
             cost of one more image forward per distinct reference. Measured on the Shapes zero-shot experiment
             (one seed), it did not help: R@1 55.5 against 56.2 (PERFORMANCE.md, "Zero-shot"). False: none.
+        caption_loss_weight: weight of an image-caption contrastive term added to the training loss when the
+            batch has ``target_caption`` (synthesized data: the LLM's description of each target image): the
+            backbone's :meth:`~coalign.backbones.Backbone.encode_caption` features are aligned with the target
+            embeddings by InfoNCE in both directions (the same image is a positive however often it appears). It
+            is BLIP-2's image-text contrastive pretraining, for a text tower that starts from scratch: without it
+            the tiny Shapes model never ties colour words to pixels (PERFORMANCE.md, "Zero-shot"). 0: off.
 
     Raises:
         ValueError: ``rerank_top_k < 0``, an unknown ``autocast``, or ``feature_cache`` with a backbone whose image
@@ -110,6 +116,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         feature_cache: str | None = None,
         autocast: str | None = None,
         reference_negatives: bool = False,
+        caption_loss_weight: float = 0.0,
     ):
         super().__init__()
         self.backbone: Backbone = build_component(backbone, Backbone)
@@ -129,6 +136,9 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             )
         self.autocast = autocast
         self.reference_negatives = bool(reference_negatives)
+        if caption_loss_weight < 0:
+            raise ValueError(f"caption_loss_weight must be >= 0, got {caption_loss_weight}")
+        self.caption_loss_weight = float(caption_loss_weight)
         self.feature_cache = None if feature_cache is None else str(feature_cache)
         self._stem_cache: FeatureCache | None = None
         self.local_loss_weight = local_loss_weight
@@ -164,6 +174,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             "lr_scheduler": optimizer_spec(self.lr_scheduler_factory),
             "autocast": self.autocast,
             "reference_negatives": self.reference_negatives,
+            "caption_loss_weight": self.caption_loss_weight,
         }
 
     @property
@@ -304,6 +315,9 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             local_loss = self.local_head(query, target, groups, codes, negatives, reference_ids=reference_codes)
             losses["local_loss"] = local_loss
             loss = loss + self.local_loss_weight * losses["local_loss"]
+        if self.caption_loss_weight > 0 and "target_caption" in batch:
+            losses["caption_loss"] = self._caption_loss(batch["target_caption"], target, codes)
+            loss = loss + self.caption_loss_weight * losses["caption_loss"]
         losses["loss"] = loss
         with torch.no_grad():
             scores = self.similarity(query, target)
@@ -311,6 +325,15 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
                 100.0 * (scores.argmax(dim=1) == torch.arange(len(scores), device=self.device)).float().mean()
             )
         return losses
+
+    def _caption_loss(self, captions: list[str], target: TargetFeatures, codes: Tensor | None) -> Tensor:
+        """Symmetric InfoNCE of caption features and target embeddings; equal target codes are one image."""
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(list(captions)).items()}
+        text = self.backbone.encode_caption(tokens["input_ids"], tokens["attention_mask"])
+        temperature = getattr(self.global_head, "temperature", 0.07)
+        logits = self.global_head.similarity(text, target.embedding) / temperature
+        y = soft_positive_targets(None, len(captions), 0.0, logits.device, codes)
+        return 0.5 * (soft_cross_entropy(logits, y) + soft_cross_entropy(logits.T, y.T))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self._losses(batch)

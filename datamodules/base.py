@@ -100,6 +100,8 @@ class TripletDataset(Dataset):
             "group": int(r.get("group", i)),
             "index": int(r.get("index", i)),
         }
+        if r.get("target_caption"):  # a description of the target image (synthetic data), for caption alignment
+            item["target_caption"] = str(r["target_caption"])
         if "negative_image" in r:  # an optional hard negative (e.g. a look-alike of the target)
             item["negative"] = self.transform(r["negative_image"])
             item["negative_id"] = str(r.get("negative_id", ""))

@@ -6,6 +6,8 @@ groups them by the benchmark template that wrote their text (add, remove, recolo
 shared by colour changes and resizes and is counted as recolor). For each group: queries, R@1, how often the
 reference image itself comes first (the model read the text as "no change"), and the mean cosine of the reference's
 and the target's image embeddings (near 1: the image encoder barely sees that edit, so no text can separate them).
+Then the cosine of the text features of sentences that differ in one word (``--text-probes``): near 1 means the
+text encoder ignores that word (a colour, a shape, the order of two colours).
 
 Usage::
 
@@ -35,6 +37,28 @@ _PATTERNS = [
 def edit_kind(text: str) -> str:
     """The first benchmark edit whose template matches ``text`` ("?" when none does)."""
     return next((kind for kind, pattern in _PATTERNS if pattern.match(text)), "?")
+
+
+#: pairs of modification texts that differ in one word or in the order of two colours
+TEXT_PROBES = [
+    ("paint the red square blue", "paint the blue square red"),
+    ("make the red square blue", "make the blue square red"),
+    ("remove the red square", "remove the blue square"),
+    ("remove the red square", "remove the red circle"),
+    ("move the red square to the left", "move the red square to the right"),
+]
+
+
+@torch.no_grad()
+def text_probes(model) -> list[tuple[str, str, float]]:
+    """``(a, b, cosine of the backbone's text features of a and b)`` for each of :data:`TEXT_PROBES` (a backbone
+    with a separate text tower: ``TinyBackbone``)."""
+    out = []
+    for a, b in TEXT_PROBES:
+        tokens = model.backbone.tokenize([a, b])
+        features = model.backbone._encode_text(tokens["input_ids"], tokens["attention_mask"])
+        out.append((a, b, torch.nn.functional.cosine_similarity(features[0], features[1], dim=0).item()))
+    return out
 
 
 @torch.no_grad()
@@ -72,6 +96,10 @@ def main() -> None:
             f"{kind:<8} {n:>7} {100 * sum(hits[kind]) / n:>6.1f} {100 * sum(reference_first[kind]) / n:>15.1f}% "
             f"{sum(closeness[kind]) / n:>23.3f}"
         )
+    if hasattr(model.backbone, "_encode_text"):
+        print("\ntext features: cosine  sentence a | sentence b")
+        for a, b, cosine in text_probes(model):
+            print(f"  {cosine:6.3f}  {a} | {b}")
 
 
 if __name__ == "__main__":

@@ -340,3 +340,30 @@ def test_reference_negatives_are_the_distinct_references_not_already_targets(tmp
     with_option.save_pretrained(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["reference_negatives"] is True
     assert coalign.load_model(str(tmp_path / "m")).reference_negatives is True
+
+
+def test_caption_loss_is_symmetric_infonce_of_captions_and_targets(tmp_path):
+    """``caption_loss_weight`` adds BLIP-2-style image-text contrast: captions vs target embeddings, both ways,
+    a repeated target image counting as one positive; a backbone without ``encode_caption`` is refused."""
+    torch.manual_seed(0)
+    backbone = TinyBackbone(**TINY)
+    model = CoAlign(backbone, ContextualAlignmentHead(), caption_loss_weight=0.5)
+    images, _ = _inputs(model, n=3)
+    targets = torch.stack([images[0], images[1], images[0]])
+    captions = ["a red square", "two blue circles", "a red square"]
+    batch = {"reference": images, "text": ["x", "y", "z"], "target": targets, "target_id": ["a", "b", "a"]}
+    losses = model._losses({**batch, "target_caption": captions})
+    tokens = backbone.tokenize(captions)
+    text = torch.nn.functional.normalize(backbone._encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1)
+    logits = text @ model.encode_targets(targets).embedding[:, 0].T / model.global_head.temperature
+    y = torch.tensor([[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]])
+    by_hand = 0.5 * (-(y * logits.log_softmax(1)).sum(1).mean() - (y * logits.T.log_softmax(1)).sum(1).mean())
+    assert losses["caption_loss"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(losses["global_loss"].item() + 0.5 * by_hand.item(), rel=1e-5)
+    assert "caption_loss" not in model._losses(batch)  # no captions in the batch: no term
+    with pytest.raises(ValueError, match="caption_loss_weight"):
+        CoAlign(TinyBackbone(**TINY), caption_loss_weight=-1)
+    clip = CoAlign(tiny_clip_backbone(tmp_path), caption_loss_weight=0.5)
+    clip_images, _ = _inputs(clip, n=3)
+    with pytest.raises(NotImplementedError, match="does not encode captions"):
+        clip._losses({**batch, "reference": clip_images, "target": clip_images, "target_caption": captions})

@@ -34,7 +34,10 @@ def test_reads_the_assembled_dataset_in_the_shared_batch_format():
     triplets = read_jsonl(baseline_dataset() / "triplets.jsonl")
     assert len(dm.records["train"]) + len(dm.records["val"]) == len(triplets)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"reference", "text", "target", "reference_id", "target_id", "group", "index"}
+    keys = {"reference", "text", "target", "reference_id", "target_id", "group", "index", "target_caption"}
+    assert set(batch) == keys
+    by_target = {t["target_id"]: t["target_caption"] for t in triplets}  # the LLM's description of each target
+    assert batch["target_caption"] == [by_target[t] for t in batch["target_id"]]
     assert batch["reference"].shape == batch["target"].shape == (4, 3, 16, 16)
     assert batch["group"].dtype == torch.long and all(isinstance(t, str) for t in batch["text"])
     assert all(rid.startswith("images/") for rid in batch["reference_id"])  # relative gallery names

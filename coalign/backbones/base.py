@@ -97,6 +97,12 @@ class Backbone(Component, abc.ABC):
         params = [p for name in names for p in self.get_submodule(name).parameters()]
         return bool(params) and not any(p.requires_grad for p in params)
 
+    def encode_caption(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Normalised features ``[B, E]`` of image *descriptions* in the targets' embedding space, for
+        ``CoAlign(caption_loss_weight > 0)``: an image-text contrastive term (BLIP-2's ITC) that grounds the words
+        of a text tower trained from scratch in pixels. Backbones with pretrained towers need not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode captions (caption_loss_weight must be 0)")
+
     def encode_image_stem(self, pixel_values: Tensor) -> Tensor:
         """The frozen image stem's features ``[B, *stem_shape]`` of images ``[B, 3, H, W]``."""
         raise NotImplementedError(f"{type(self).__name__} has no image stem to cache")

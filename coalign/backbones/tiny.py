@@ -155,6 +155,10 @@ class TinyBackbone(Backbone):
         x = self.text_encoder(x, src_key_padding_mask=attention_mask == 0)
         return self.text_norm(x[:, 0])
 
+    def encode_caption(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The text tower's [CLS] feature, normalised: a caption lives in the same space as ``encode_target``."""
+        return F.normalize(self._encode_text(input_ids, attention_mask), dim=-1)
+
     def encode_query(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> QueryFeatures:
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"got {pixel_values.shape[0]} reference images but {input_ids.shape[0]} texts")
