@@ -50,6 +50,38 @@ def with_reference_negatives(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: the five non-identity orders of the RGB channels
+_CHANNEL_ORDERS = [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+
+
+def with_colour_negatives(
+    batch: dict[str, Any], mean: Sequence[float], std: Sequence[float], min_change: float = 0.02
+) -> dict[str, Any]:
+    """``batch`` with each target's colour-permuted copy appended to its ``negative`` images (a shallow copy).
+
+    The channels are permuted in pixel space (``target * std + mean``, permuted, normalised again), one random order
+    per image from torch's generator; a copy whose mean absolute change is under ``min_change`` of the range (a
+    nearly grey image) is left out. ``negative_id`` is ``<target_id>#<order>``.
+    """
+    targets = batch["target"]
+    m = torch.as_tensor(mean, dtype=targets.dtype, device=targets.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=targets.dtype, device=targets.device).view(1, 3, 1, 1)
+    pixels = targets * s + m
+    choice = torch.randint(len(_CHANNEL_ORDERS), (len(targets),)).tolist()
+    swapped = torch.stack([pixels[i, list(_CHANNEL_ORDERS[c])] for i, c in enumerate(choice)])
+    keep = ((swapped - pixels).abs().mean(dim=(1, 2, 3)) >= min_change).nonzero().flatten().tolist()
+    ids = [str(t) for t in batch.get("target_id") or [f"#target-{i}" for i in range(len(targets))]]
+    negatives = (swapped[keep] - m) / s
+    negative_ids = [f"{ids[i]}#{''.join('rgb'[k] for k in _CHANNEL_ORDERS[choice[i]])}" for i in keep]
+    out = dict(batch)
+    if "negative" in batch:
+        out["negative"] = torch.cat([batch["negative"], negatives])
+        out["negative_id"] = [*batch.get("negative_id", [""] * len(batch["negative"])), *negative_ids]
+    else:
+        out["negative"], out["negative_id"] = negatives, negative_ids
+    return out
+
+
 class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, library_name="coalign", tags=["cir"]):
     """Composed image retrieval with hybrid contextual alignment.
 
@@ -89,6 +121,12 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             negatives from other groups never ask the image encoder to see such a change; this does, at the
             cost of one more image forward per distinct reference. Measured on the Shapes zero-shot experiment
             (one seed), it did not help: R@1 55.5 against 56.2 (PERFORMANCE.md, "Zero-shot"). False: none.
+        colour_negatives: in training, every target image with its colour channels permuted (a random one of the
+            five non-identity orders, per image) is also a negative for the whole batch: the same layout, other
+            colours (a red square turns blue or green, a grey background stays grey). Nearly grey images, whose
+            permutation changes less than 2% of the range on average, get none. Like the look-alike negatives of
+            the Shapes benchmark's training set, it makes colour matter for every edit, not only for recolours.
+            False: none.
         caption_loss_weight: weight of an image-caption contrastive term added to the training loss when the
             batch has ``target_caption`` (synthesized data: the LLM's description of each target image): the
             backbone's :meth:`~coalign.backbones.Backbone.encode_caption` features are aligned with the target
@@ -117,6 +155,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         autocast: str | None = None,
         reference_negatives: bool = False,
         caption_loss_weight: float = 0.0,
+        colour_negatives: bool = False,
     ):
         super().__init__()
         self.backbone: Backbone = build_component(backbone, Backbone)
@@ -139,6 +178,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
         if caption_loss_weight < 0:
             raise ValueError(f"caption_loss_weight must be >= 0, got {caption_loss_weight}")
         self.caption_loss_weight = float(caption_loss_weight)
+        self.colour_negatives = bool(colour_negatives)
         self.feature_cache = None if feature_cache is None else str(feature_cache)
         self._stem_cache: FeatureCache | None = None
         self.local_loss_weight = local_loss_weight
@@ -175,6 +215,7 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             "autocast": self.autocast,
             "reference_negatives": self.reference_negatives,
             "caption_loss_weight": self.caption_loss_weight,
+            "colour_negatives": self.colour_negatives,
         }
 
     @property
@@ -285,6 +326,8 @@ class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, librar
             raise ValueError("a training batch needs 'target' images (this split has no labels)")
         if self.reference_negatives:
             batch = with_reference_negatives(batch)
+        if self.colour_negatives:
+            batch = with_colour_negatives(batch, self.preprocess.mean, self.preprocess.std)
         # a hard negative that is some query's own target image would contradict its positive: drop it
         keep: list[int] = []
         if "negative" in batch:

@@ -367,3 +367,32 @@ def test_caption_loss_is_symmetric_infonce_of_captions_and_targets(tmp_path):
     clip_images, _ = _inputs(clip, n=3)
     with pytest.raises(NotImplementedError, match="does not encode captions"):
         clip._losses({**batch, "reference": clip_images, "target": clip_images, "target_caption": captions})
+
+
+def test_colour_negatives_are_channel_permuted_targets_in_pixel_space():
+    """Each target's copy with its RGB channels reordered (in pixel space, normalised again) joins the negatives; a
+    grey target, which no order changes, gets none; the option changes the loss and is saved."""
+    from coalign.model import with_colour_negatives
+
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]  # CLIP-like: permuting normalised channels would be wrong
+    pixels = torch.rand(3, 3, 4, 4)
+    pixels[2] = 0.5  # grey
+    targets = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    batch = {"target": targets, "target_id": ["a", "b", "g"], "negative": targets[:1], "negative_id": ["x"]}
+    torch.manual_seed(3)
+    out = with_colour_negatives(batch, mean, std)
+    assert out["negative_id"][0] == "x" and [n.split("#")[0] for n in out["negative_id"][1:]] == ["a", "b"]
+    for i, name in enumerate(out["negative_id"][1:]):
+        order = ["rgb".index(c) for c in name.split("#")[1]]
+        assert sorted(order) == [0, 1, 2] and order != [0, 1, 2]
+        back = out["negative"][1 + i] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        assert torch.allclose(back, pixels[i, order], atol=1e-5)
+    assert len(batch["negative"]) == 1  # the input batch is left alone
+
+    torch.manual_seed(0)
+    plain = CoAlign(TinyBackbone(**TINY), ContextualAlignmentHead())
+    option = CoAlign(plain.backbone, plain.global_head, colour_negatives=True)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    step = {"reference": images, "text": ["a", "b", "c"], "target": images.flip(0), "target_id": ["1", "2", "3"]}
+    assert option._losses(step)["loss"].item() > plain._losses(step)["loss"].item()
+    assert option.config()["colour_negatives"] is True
