@@ -14,6 +14,7 @@ pairs       zero-shot, groups of one source and one edit (the plain pairs the pa
 beta0       zero-shot with beta = 0: plain InfoNCE, no same-group soft positives
 nolocal     zero-shot without the local contextual reasoning head
 wholegroups zero-shot with every group whole in one batch (``group_size 0``) instead of chunks of 4 triplets
+nocolour    zero-shot without the colour-permuted target negatives (``colour_negatives false``)
 imageonly   zero-shot baseline: the query ignores the text
 textonly    zero-shot baseline: the query ignores the reference image
 ==========  ==============================================================================================
@@ -98,6 +99,7 @@ ROWS: dict[str, Row] = {
     ),  # fmt: skip
     "nolocal": Row(ZEROSHOT_CONFIG, "full", ["--model.local_head", "null"]),
     "wholegroups": Row(ZEROSHOT_CONFIG, "full", ["--data.train.init_args.group_size", "0"]),
+    "nocolour": Row(ZEROSHOT_CONFIG, "full", ["--model.colour_negatives", "false"]),
     "imageonly": Row(ZEROSHOT_CONFIG, "full", _composer("ImageOnlyComposer")),
     "textonly": Row(ZEROSHOT_CONFIG, "full", _composer("TextOnlyComposer")),
 }
