@@ -31,6 +31,17 @@ __all__ = ["CoAlign"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
+def _append_negatives(batch: dict[str, Any], images: Tensor, ids: list[str]) -> dict[str, Any]:
+    """A shallow copy of ``batch`` with ``images`` (and their ``ids``) after its ``negative`` images."""
+    out = dict(batch)
+    if "negative" in batch:
+        out["negative"] = torch.cat([batch["negative"], images])
+        out["negative_id"] = [*batch.get("negative_id", [""] * len(batch["negative"])), *ids]
+    else:
+        out["negative"], out["negative_id"] = images, list(ids)
+    return out
+
+
 def with_reference_negatives(batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` with each distinct reference image appended to its ``negative`` images (``negative_id`` its
     ``reference_id``); a shallow copy, the input is unchanged. A reference without an id counts as distinct."""
@@ -40,14 +51,7 @@ def with_reference_negatives(batch: dict[str, Any]) -> dict[str, Any]:
     for i, image_id in enumerate(ids):
         first.setdefault(image_id, i)
     rows = list(first.values())
-    references = batch["reference"][rows]
-    out = dict(batch)
-    if "negative" in batch:
-        out["negative"] = torch.cat([batch["negative"], references])
-        out["negative_id"] = [*batch.get("negative_id", [""] * len(batch["negative"])), *first]
-    else:
-        out["negative"], out["negative_id"] = references, list(first)
-    return out
+    return _append_negatives(batch, batch["reference"][rows], list(first))
 
 
 #: the five non-identity orders of the RGB channels
@@ -73,13 +77,7 @@ def with_colour_negatives(
     ids = [str(t) for t in batch.get("target_id") or [f"#target-{i}" for i in range(len(targets))]]
     negatives = (swapped[keep] - m) / s
     negative_ids = [f"{ids[i]}#{''.join('rgb'[k] for k in _CHANNEL_ORDERS[choice[i]])}" for i in keep]
-    out = dict(batch)
-    if "negative" in batch:
-        out["negative"] = torch.cat([batch["negative"], negatives])
-        out["negative_id"] = [*batch.get("negative_id", [""] * len(batch["negative"])), *negative_ids]
-    else:
-        out["negative"], out["negative_id"] = negatives, negative_ids
-    return out
+    return _append_negatives(batch, negatives, negative_ids)
 
 
 class CoAlign(HubMixinOverrides, L.LightningModule, PyTorchModelHubMixin, library_name="coalign", tags=["cir"]):
